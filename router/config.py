@@ -1,0 +1,204 @@
+"""The routing config file: one schema, validated once at start.
+
+Every key an operator can set is declared here with its default and why it has that
+value. Unknown keys are an error (``extra="forbid"``), never ignored: a typo in a
+weight must not silently leave the default in place. Flags on ``cache-router serve``
+override the file (see ``router.cli``).
+
+Each section belongs to the part of the router it configures; the part reads its
+section and nothing else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Policy = Literal["cache_aware", "round_robin", "least_load", "prefix_hash", "random"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendConfig(_Section):
+    url: str
+    models: list[str] | None = None
+    """Models and adapters this replica serves; None: learned from its /v1/models."""
+    capacity_blocks: int | None = Field(default=None, gt=0)
+    """KV capacity in blocks; None: learned from vllm:cache_config_info num_gpu_blocks."""
+    block_size: int | None = Field(default=None, gt=0)
+    """None: the model's block size (config, else learned from the engine)."""
+    kv_events: str | None = None
+    """The engine's bound KV-event PUB endpoint (precise mode, router connects)."""
+    kv_replay: str | None = None
+    """The engine's bound replay ROUTER endpoint."""
+    kv_topic: str | None = None
+    """This engine's topic on the router's ``kv_events_bind`` endpoint (engine connects)."""
+    draining: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("backend url must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class ModelConfig(_Section):
+    """Per-model overrides; models not listed use the top-level tokenizer and block size."""
+
+    tokenizer: str | None = None
+    block_size: int | None = Field(default=None, gt=0)
+
+
+class SchedulingConfig(_Section):
+    # Weights of the scorers; each scorer returns [0, 1], the profile sums weight * score.
+    # prefix dominates so affinity wins among replicas of similar load.
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"prefix": 2.0, "load": 1.0, "queue": 0.5, "kv_usage": 0.25}
+    )
+    load_band: float = Field(default=2.0, ge=0)
+    """Affinity is kept only among replicas whose load (in-flight + engine queue) is within
+    ``load_band`` + ``load_band_ratio`` * least load of the least loaded replica."""
+    load_band_ratio: float = Field(default=0.25, ge=0)
+    session_header: str | None = None
+    """If set, requests carrying this header stick to one replica while it stays in the load band."""
+    metrics_staleness_s: float = Field(default=5.0, gt=0)
+    """Scraped engine load older than this is ignored (only in-flight counts are used)."""
+    metrics_interval_s: float = Field(default=1.0, gt=0)
+    prefix_hash_load_factor: float = Field(default=1.25, ge=1.0)
+    """prefix_hash: a replica above this multiple of the mean load is skipped (bounded load)."""
+
+
+class HealthConfig(_Section):
+    interval_s: float = Field(default=2.0, gt=0)
+    timeout_s: float = Field(default=1.0, gt=0)
+    failure_threshold: int = Field(default=2, ge=1)
+    success_threshold: int = Field(default=1, ge=1)
+    breaker_failures: int = Field(default=5, ge=1)
+    """Consecutive request failures that open a replica's circuit."""
+    breaker_cooldown_s: float = Field(default=5.0, gt=0)
+    max_retries: int = Field(default=2, ge=0)
+    """Other replicas tried when one fails before the first byte reaches the client."""
+
+
+class TimeoutsConfig(_Section):
+    # LLM requests are long: a 32k prompt on a loaded engine can take a minute to first token.
+    connect_s: float = Field(default=5.0, gt=0)
+    first_byte_s: float = Field(default=300.0, gt=0)
+    idle_s: float = Field(default=120.0, gt=0)
+    total_s: float = Field(default=1800.0, gt=0)
+
+
+class IndexConfig(_Section):
+    namespace: str = "cr"
+    """Prefix of every Redis key, so deployments (and tests) can share one Redis."""
+    ttl_s: float = Field(default=600.0, gt=0)
+    """Route-time (approximate-mode) entries expire after this; engines evict on that scale under load."""
+    speculative_ttl_s: float = Field(default=5.0, gt=0)
+    """Precise mode: route-time entries live this long unless a BlockStored confirms them."""
+    default_capacity_blocks: int | None = Field(default=None, gt=0)
+    deadline_ms: float = Field(default=5.0, gt=0)
+    """Each Redis call's deadline; past it the router routes without the index (fail-open)."""
+    mode: Literal["approximate", "precise", "auto"] = "auto"
+    """auto: precise for replicas with KV events configured, approximate for the others."""
+    record_cpu_blocks: bool = False
+
+
+class AdmissionConfig(_Section):
+    max_concurrency_per_backend: int | None = Field(default=None, gt=0)
+    queue_size: int = Field(default=1024, ge=0)
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class ApiKeyConfig(_Section):
+    sha256: str
+    tenant: str
+    allow_client_salt: bool = False
+
+
+class AuthConfig(_Section):
+    api_keys: list[ApiKeyConfig] | None = None
+    tenant_header: str | None = None
+    admin_token_file: str | None = None
+    salt_secret_file: str | None = None
+    shared_salt_groups: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class DiscoveryConfig(_Section):
+    kind: Literal["static", "dns", "kubernetes"] = "static"
+    dns_name: str | None = None
+    port: int | None = None
+    label_selector: str | None = None
+    namespace: str | None = None
+    kv_events_port: int | None = None
+    kv_replay_port: int | None = None
+    api_server: str | None = None
+    interval_s: float = Field(default=10.0, gt=0)
+
+
+class ExperimentConfig(_Section):
+    baseline_fraction: float = Field(default=0.0, ge=0, le=1)
+    baseline_policy: Literal["round_robin", "least_load"] = "round_robin"
+
+
+class RouterConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    policy: Policy = "cache_aware"
+    tokenizer: str | None = None
+    """Model directory; absent: approximate character mode (keys over characters, said in logs and metrics)."""
+    block_size: int = Field(default=16, gt=0)
+    redis_url: str | None = None
+    backends: list[BackendConfig] = Field(default_factory=list)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    kv_events_bind: str | None = None
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    """8 MiB holds a 128k-token prompt with room; larger bodies get 413."""
+    log_level: str = "info"
+    log_decisions: bool = True
+    scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+
+    @model_validator(mode="after")
+    def _unique_backends(self) -> RouterConfig:
+        urls = [b.url for b in self.backends]
+        if len(urls) != len(set(urls)):
+            raise ValueError("backend urls must be unique")
+        return self
+
+
+class ConfigError(ValueError):
+    """The config file is missing, not YAML, or does not match the schema."""
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> RouterConfig:
+    """Read the YAML file (if any), apply non-None overrides (flags), validate once."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"config {path} must be a mapping at the top level")
+        data = raw or {}
+    for key, value in overrides.items():
+        if value is not None:
+            data[key] = value
+    try:
+        return RouterConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -1,0 +1,59 @@
+"""What the scheduler decides from: a frozen snapshot, and what it decides: a Decision.
+
+All I/O happens before (the index lookup and the fleet snapshot are gathered in one
+step by the request pipeline); everything in ``router.scheduling`` is a plain
+synchronous function of these values, with the RNG passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from router.types import BackendId, BlockKey
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One replica that passed the filters' inputs, as of the snapshot."""
+
+    id: BackendId
+    matched_blocks: int
+    """Leading blocks of this prompt the index says the replica holds (0 if unknown)."""
+    in_flight: int
+    """From every router replica (local + shared), dispatch to end of stream."""
+    waiting: float | None = None
+    """Engine queue length; None when the scrape is missing or older than the staleness bound."""
+    running: float | None = None
+    kv_usage: float | None = None
+    healthy: bool = True
+    circuit_open: bool = False
+    draining: bool = False
+    serves_model: bool = True
+    max_concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    model: str
+    keys: tuple[BlockKey, ...]
+    prompt_tokens: int
+    block_size: int
+    cacheable_blocks: int
+    """Leading blocks the engine could report cached (prompt_tokens - 1, whole blocks)."""
+    session: str | None = None
+    index_available: bool = True
+    """False when the index could not answer (fail-open): route on load + rendezvous of the first block."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    backend: BackendId
+    matched_tokens: int
+    """Predicted cached tokens on the chosen replica (capped like the engine's report)."""
+    best_matched_tokens: int
+    """The most any candidate held: beyond matched_tokens it is the price of load balancing."""
+    reason: str
+    """affinity | load | fallback | session | round_robin | least_load | prefix_hash | random"""
+    ranked: tuple[BackendId, ...]
+    """Every eligible replica, best first; retries walk it after ``backend``."""
+    scores: dict[BackendId, dict[str, float]] = field(default_factory=dict)
