@@ -28,6 +28,9 @@ class Backend:
     url: str
     models: frozenset[str] = frozenset()
     """Models and LoRA adapters served (from config, else from its /v1/models)."""
+    base_model: str | None = None
+    """The base model's name (the /v1/models entry without a ``parent``): the key namespace
+    of blocks that carry no LoRA name."""
     healthy: bool = False
     """Active probe verdict (starts False until the first probe passes)."""
     draining: bool = False
