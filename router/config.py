@@ -130,15 +130,33 @@ class AuthConfig(_Section):
 
 
 class DiscoveryConfig(_Section):
+    """static: ``backends`` as listed; dns: a headless service's records; kubernetes: Ready pods by label
+    (``router.fleet.discovery``). Discovered replicas are ``http://<ip>:<port>``."""
+
     kind: Literal["static", "dns", "kubernetes"] = "static"
     dns_name: str | None = None
-    port: int | None = None
+    port: int | None = Field(default=None, gt=0, le=65535)
+    """The engines' HTTP port (dns, kubernetes)."""
     label_selector: str | None = None
     namespace: str | None = None
+    """None: the router pod's own namespace (service-account file)."""
     kv_events_port: int | None = None
     kv_replay_port: int | None = None
     api_server: str | None = None
+    """None: in-cluster (KUBERNETES_SERVICE_HOST); set for tests or out-of-cluster use."""
     interval_s: float = Field(default=10.0, gt=0)
+    """DNS re-resolve period; pods are watched, not polled."""
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    """A replica that left waits this long for its in-flight streams before removal; matches the
+    default pod terminationGracePeriodSeconds so streams can finish while the engine shuts down."""
+
+    @model_validator(mode="after")
+    def _needs(self) -> DiscoveryConfig:
+        if self.kind == "dns" and (self.dns_name is None or self.port is None):
+            raise ValueError("discovery.kind=dns needs dns_name and port")
+        if self.kind == "kubernetes" and (self.label_selector is None or self.port is None):
+            raise ValueError("discovery.kind=kubernetes needs label_selector and port")
+        return self
 
 
 class ExperimentConfig(_Section):
