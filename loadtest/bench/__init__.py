@@ -1,0 +1,1 @@
+"""Shared pieces of the benchmarks: child processes on loopback and benchmark prompts."""
