@@ -1,0 +1,154 @@
+"""Routing policies: how one replica is picked from the eligible ones.
+
+``cache_aware`` is the product; ``round_robin``, ``least_load``, ``prefix_hash`` and
+``random`` are the baselines users compare it with (and the experiment's baseline arm),
+run on the same code path after the same filters. Every policy returns a full
+``Decision``: the pick, the ranked list retries walk, and the predicted matched tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from typing import Protocol
+
+from router.config import SchedulingConfig
+from router.scheduling import rendezvous
+from router.scheduling.load import in_band, load_of
+from router.scheduling.model import Candidate, Decision, RouteRequest
+from router.scheduling.profile import Profile
+from router.types import BackendId
+
+
+class Policy(Protocol):
+    name: str
+
+    def decide(self, request: RouteRequest, eligible: list[Candidate], rng: random.Random) -> Decision: ...
+
+
+def matched_blocks(request: RouteRequest, c: Candidate) -> int:
+    """Blocks the engine could report cached: never more than the prompt's cacheable blocks."""
+    return max(0, min(c.matched_blocks, request.cacheable_blocks))
+
+
+def decision(
+    request: RouteRequest,
+    ranked: Sequence[Candidate],
+    reason: str,
+    eligible: Sequence[Candidate],
+    scores: dict[BackendId, dict[str, float]] | None = None,
+) -> Decision:
+    # Best over the eligible replicas only: blocks on a replica that could not take the
+    # request (down, draining, full) are not savings that routing gave away.
+    best = max(matched_blocks(request, c) for c in eligible)
+    pick = ranked[0]
+    return Decision(
+        backend=pick.id,
+        matched_tokens=matched_blocks(request, pick) * request.block_size,
+        best_matched_tokens=best * request.block_size,
+        reason=reason,
+        ranked=tuple(c.id for c in ranked),
+        scores=scores or {},
+    )
+
+
+def by_load(candidates: Sequence[Candidate], rng: random.Random) -> list[Candidate]:
+    """Least loaded first, ties in random order."""
+    keyed = sorted((load_of(c), rng.random(), i) for i, c in enumerate(candidates))
+    return [candidates[i] for _, _, i in keyed]
+
+
+class CacheAware:
+    """Cache affinity, bounded per request by a load band around the least loaded replica."""
+
+    name = "cache_aware"
+
+    def __init__(self, config: SchedulingConfig) -> None:
+        self.config = config
+        self.profile = Profile(config.weights)
+
+    def decide(self, request: RouteRequest, eligible: list[Candidate], rng: random.Random) -> Decision:
+        band = in_band(eligible, self.config.load_band, self.config.load_band_ratio)
+        band_ids = {c.id for c in band}
+        rest = by_load([c for c in eligible if c.id not in band_ids], rng)
+        if request.session:
+            ordered = rendezvous.order(band, rendezvous.session_key(request.session))
+            return decision(request, ordered + rest, "session", eligible)
+        if not request.index_available:
+            # Fail-open: affinity without an index. Every router replica maps the same
+            # first block to the same replica, and the band still bounds its load.
+            ordered = rendezvous.order(band, request.keys[0]) if request.keys else by_load(band, rng)
+            return decision(request, ordered + rest, "fallback", eligible)
+        scored = self.profile.rank(request, band, rng)
+        ranked = [s.candidate for s in scored]
+        best = max(matched_blocks(request, c) for c in eligible)
+        mine = matched_blocks(request, ranked[0])
+        reason = "fallback" if best == 0 else "affinity" if mine == best else "load"
+        scores = {s.candidate.id: s.parts for s in scored}
+        return decision(request, ranked + rest, reason, eligible, scores)
+
+
+class RoundRobin:
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def decide(self, request: RouteRequest, eligible: list[Candidate], rng: random.Random) -> Decision:
+        ordered = sorted(eligible, key=lambda c: c.id)
+        i = self._next % len(ordered)
+        self._next += 1
+        return decision(request, ordered[i:] + ordered[:i], self.name, eligible)
+
+
+class LeastLoad:
+    name = "least_load"
+
+    def decide(self, request: RouteRequest, eligible: list[Candidate], rng: random.Random) -> Decision:
+        return decision(request, by_load(eligible, rng), self.name, eligible)
+
+
+class PrefixHash:
+    """Consistent (rendezvous) hashing of the prefix with bounded load.
+
+    The key is the chained key of the first ``prefix_hash_blocks`` blocks. Bounded load
+    as in Mirrokni et al. (2018): walking the key's replica order, a replica is skipped
+    while taking the request would lift it above ``ceil(factor * (total load + 1) / n)``;
+    at least one replica is always under that cap, so a pick always exists.
+    """
+
+    name = "prefix_hash"
+
+    def __init__(self, config: SchedulingConfig) -> None:
+        self.factor = config.prefix_hash_load_factor
+        self.blocks = config.prefix_hash_blocks
+
+    def decide(self, request: RouteRequest, eligible: list[Candidate], rng: random.Random) -> Decision:
+        if not request.keys:
+            return decision(request, by_load(eligible, rng), self.name, eligible)
+        key = request.keys[min(self.blocks, len(request.keys)) - 1]
+        ordered = rendezvous.order(eligible, key)
+        loads = [load_of(c) for c in ordered]
+        cap = math.ceil(self.factor * (sum(loads) + 1) / len(ordered))
+        pick = next((i for i, ld in enumerate(loads) if ld + 1 <= cap), loads.index(min(loads)))
+        return decision(request, [ordered[pick], *ordered[:pick], *ordered[pick + 1 :]], self.name, eligible)
+
+
+class Random:
+    name = "random"
+
+    def decide(self, request: RouteRequest, eligible: list[Candidate], rng: random.Random) -> Decision:
+        ordered = list(eligible)
+        rng.shuffle(ordered)
+        return decision(request, ordered, self.name, eligible)
+
+
+def make_policies(config: SchedulingConfig) -> dict[str, Policy]:
+    return {
+        "cache_aware": CacheAware(config),
+        "round_robin": RoundRobin(),
+        "least_load": LeastLoad(),
+        "prefix_hash": PrefixHash(config),
+        "random": Random(),
+    }
