@@ -72,6 +72,9 @@ class SchedulingConfig(_Section):
     metrics_interval_s: float = Field(default=1.0, gt=0)
     prefix_hash_load_factor: float = Field(default=1.25, ge=1.0)
     """prefix_hash: a replica above this multiple of the mean load is skipped (bounded load)."""
+    prefix_hash_blocks: int = Field(default=1, ge=1)
+    """prefix_hash: blocks of the prefix hashed (1 = first block, the same key the fail-open
+    fallback uses; more spreads prompts that share only a short system prompt)."""
 
 
 class HealthConfig(_Section):
