@@ -55,7 +55,7 @@ def wait_http(url: str, *, proc: Proc | None = None, timeout: float = 30.0) -> N
     while time.monotonic() < deadline:
         if proc is not None and not proc.alive():
             raise RuntimeError(f"process exited before {url} answered:\n{proc.stderr_tail()}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 - loopback
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as r:
             if r.status < 500:
                 return
         time.sleep(0.1)

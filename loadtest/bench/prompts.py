@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 
-_WORDS = (
+_WORDS = (  # noqa: SIM905 - a sentence reads better than a list of 110 strings
     "the of and a to in is you that it he was for on are as with his they at be this have from or one had by "
     "word but not what all were we when your can said there use an each which she do how their if will up other "
     "about out many then them these so some her would make like him into time has look two more write go see "

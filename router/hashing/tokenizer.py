@@ -23,6 +23,8 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from router.hashing.segments import SegmentCache, piecewise_is_exact
+
 # A template that loops over message content expects OpenAI-style lists of parts;
 # any other template gets the parts' text joined with newlines, as vLLM's "auto" does.
 _ITERATES_CONTENT = re.compile(r"for\s+\w+\s+in\s+(message|m|msg)(\.content|\[['\"]content['\"]\])")
@@ -66,6 +68,32 @@ class ModelTokenizer:
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             self._template = env.from_string(chat_template)
             self._content_as_parts = bool(_ITERATES_CONTENT.search(chat_template))
+        self._segments: SegmentCache | None = None
+        self._special_around: tuple[list[int], list[int]] | None = None
+        self.enable_segment_cache()
+
+    def enable_segment_cache(self, *, chunk_chars: int = 1024, max_entries: int = 8192) -> bool:
+        """Cache tokens of long prompts' chunks, if this tokenizer provably allows it (see segments.py)."""
+        plain = self._plain_encode
+        sample = [self.render_chat([{"role": "user", "content": "Hello there, how are you?"}])] if self._template else []
+        if not piecewise_is_exact(plain, sample):
+            self._segments = None
+            return False
+        self._segments = SegmentCache(plain, chunk_chars=chunk_chars, max_entries=max_entries)
+        with_sp, without = self._tok.encode("a b", add_special_tokens=True).ids, plain("a b")
+        for i in range(len(with_sp) - len(without) + 1):
+            if with_sp[i : i + len(without)] == without:
+                self._special_around = (with_sp[:i], with_sp[i + len(without) :])
+                break
+        return True
+
+    @property
+    def segment_cache(self) -> SegmentCache | None:
+        return self._segments
+
+    def _plain_encode(self, text: str) -> list[int]:
+        ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
+        return ids
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelTokenizer:
@@ -85,8 +113,16 @@ class ModelTokenizer:
         return int(self._tok.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        ids: list[int] = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        return ids
+        segments = self._segments
+        if segments is None:
+            ids: list[int] = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+            return ids
+        if not add_special_tokens:
+            return segments.encode(text)
+        if self._special_around is None:
+            return list(self._tok.encode(text, add_special_tokens=True).ids)
+        head, tail = self._special_around
+        return [*head, *segments.encode(text), *tail]
 
     def encode_completion(self, prompt: str) -> list[int]:
         return self.encode(prompt, add_special_tokens=True)
