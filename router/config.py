@@ -97,6 +97,14 @@ class TimeoutsConfig(_Section):
     total_s: float = Field(default=1800.0, gt=0)
 
 
+class ProxyConfig(_Section):
+    # One shared keep-alive pool to all engines. A 16-replica fleet streaming 256 answers
+    # each needs ~4k sockets; more than that queues on the pool (bounded by connect_s).
+    max_connections: int = Field(default=4096, gt=0)
+    max_keepalive: int = Field(default=1024, ge=0)
+    keepalive_expiry_s: float = Field(default=30.0, gt=0)
+
+
 class IndexConfig(_Section):
     namespace: str = "cr"
     """Prefix of every Redis key, so deployments (and tests) can share one Redis."""
@@ -110,6 +118,11 @@ class IndexConfig(_Section):
     mode: Literal["approximate", "precise", "auto"] = "auto"
     """auto: precise for replicas with KV events configured, approximate for the others."""
     record_cpu_blocks: bool = False
+    events_silence_s: float = Field(default=30.0, gt=0)
+    """Precise mode: a replica serving requests this long without a KV event loses precise mode.
+    A decoding engine stores a block every block_size tokens, so a busy one is never silent for 30 s."""
+    selfcheck: bool = True
+    """Precise mode: probe each replica at start and refuse precise mode when its keys disagree."""
 
 
 class AdmissionConfig(_Section):
@@ -126,10 +139,17 @@ class ApiKeyConfig(_Section):
 
 class AuthConfig(_Section):
     api_keys: list[ApiKeyConfig] | None = None
+    """When present, the OpenAI endpoints require ``Authorization: Bearer <key>``; only digests are stored."""
     tenant_header: str | None = None
+    """Trust this header (set by an upstream gateway) for the tenant instead of API keys. Opt-in."""
     admin_token_file: str | None = None
+    """Absent (and no admin_token_env): admin and debug endpoints are off."""
+    admin_token_env: str | None = None
     salt_secret_file: str | None = None
+    """The secret every tenant's cache salt is derived from (HMAC); absent: no tenant salts."""
+    salt_secret_env: str | None = None
     shared_salt_groups: dict[str, list[str]] = Field(default_factory=dict)
+    """Tenants listed under one group name share one salt (and so one another's cache hits)."""
 
 
 class DiscoveryConfig(_Section):
@@ -185,6 +205,7 @@ class RouterConfig(_Section):
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
