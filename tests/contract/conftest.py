@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
+from loadtest.redis_servers import LocalCluster
 from router.index import BlockIndex, MemoryBlockIndex
+from router.index.redis import RedisBlockIndex
+from tests.support.servers import RedisServer
+
+# Generous for a shared 2-core CI box: the contract is about behaviour, the deadline has its own tests.
+TEST_DEADLINE_MS = 500.0
 
 
 class FakeClock:
@@ -19,11 +25,25 @@ class FakeClock:
         return self.now
 
 
-@pytest.fixture(params=["memory"])
-async def index(request: pytest.FixtureRequest) -> AsyncIterator[BlockIndex]:
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[str]:
+    """A real 3-master Redis Cluster (redis-server --cluster-enabled) for the session; its URL."""
+    cluster = LocalCluster().start()
+    yield cluster.url
+    cluster.stop()
+
+
+@pytest.fixture(params=["memory", "redis", pytest.param("redis-cluster", marks=pytest.mark.cluster)])
+async def index(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[BlockIndex]:
     backend: BlockIndex
     if request.param == "memory":
         backend = MemoryBlockIndex()
+    elif request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        backend = RedisBlockIndex.from_url(server.url, namespace=namespace, deadline_ms=TEST_DEADLINE_MS)
+    elif request.param == "redis-cluster":
+        cluster_url: str = request.getfixturevalue("redis_cluster")
+        backend = RedisBlockIndex.from_url(cluster_url, namespace=namespace, deadline_ms=TEST_DEADLINE_MS)
     else:  # pragma: no cover - every param needs a branch
         raise AssertionError(request.param)
     yield backend

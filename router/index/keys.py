@@ -1,0 +1,82 @@
+"""Every Redis key cache-router writes, in one place.
+
+All keys start with the configured namespace (``index.namespace``), so deployments and
+tests can share one Redis. Keys hold only block hashes, replica ids and times, never
+prompt text.
+
+Layout (``ns`` = namespace, ``R`` = a replica id, i.e. its base URL):
+
+``ns:replicas``            set of replica ids that have (or had) entries: lookups and
+                           ``sizes()`` walk it instead of scanning the keyspace.
+``ns:r:{ns|R}:lru``        sorted set, member = 8-byte big-endian block key, score = the
+                           replica's recency counter (higher = more recently used).
+``ns:r:{ns|R}:exp``        sorted set of the replica's TTL'd entries only, score = expiry
+                           in Redis-server milliseconds. Confirmed entries are absent.
+``ns:r:{ns|R}:meta``       hash: ``seq`` (the recency counter), ``cap`` (capacity in blocks).
+``ns:load:{ns|load}``      hash of shared in-flight counts, field ``router|backend`` ->
+                           ``count|expiry_ms`` (``router.fleet.shared_load``).
+
+The ``{...}`` part is the Redis Cluster hash tag: a replica's three keys share a slot,
+so every write to one replica is a single atomic Lua call on one node, and clearing it
+deletes three keys. Why per replica and not per chain is explained in
+``router.index.redis``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from router.types import BackendId, BlockKey
+
+_U64 = struct.Struct(">Q")
+
+
+def block_member(key: BlockKey) -> bytes:
+    # Fixed 8-byte binary: exact for all 64 bits (Lua numbers are doubles and would round),
+    # half the size of hex.
+    return _U64.pack(key)
+
+
+def block_members(keys: Sequence[BlockKey]) -> list[bytes]:
+    packed = struct.pack(f">{len(keys)}Q", *keys)
+    return [packed[i : i + 8] for i in range(0, len(packed), 8)]
+
+
+def member_key(member: bytes) -> BlockKey:
+    return BlockKey(_U64.unpack(member)[0])
+
+
+def replicas(ns: str) -> str:
+    return f"{ns}:replicas"
+
+
+def _tag(ns: str, replica: str) -> str:
+    return f"{ns}:r:{{{ns}|{replica}}}"
+
+
+def replica_lru(ns: str, replica: BackendId) -> str:
+    return f"{_tag(ns, replica)}:lru"
+
+
+def replica_exp(ns: str, replica: BackendId) -> str:
+    return f"{_tag(ns, replica)}:exp"
+
+
+def replica_meta(ns: str, replica: BackendId) -> str:
+    return f"{_tag(ns, replica)}:meta"
+
+
+def replica_keys(ns: str, replica: BackendId) -> list[str]:
+    """The KEYS of every per-replica Lua script, in this order: lru, exp, meta."""
+    return [replica_lru(ns, replica), replica_exp(ns, replica), replica_meta(ns, replica)]
+
+
+def replica_key_parts(ns: str) -> tuple[str, str, str]:
+    """(prefix, lru suffix, exp suffix): the lookup script builds a replica's keys as
+    prefix .. replica .. suffix, so the format still lives only here."""
+    return f"{ns}:r:{{{ns}|", "}:lru", "}:exp"
+
+
+def shared_load(ns: str) -> str:
+    return f"{ns}:load:{{{ns}|load}}"

@@ -1,0 +1,316 @@
+"""The Redis BlockIndex: one shared truth for every router replica, bounded and fail-open.
+
+Owns the Redis data model (formats in ``router.index.keys``, Lua in ``router/index/lua``),
+the per-call deadline and the translation of every Redis failure into
+``IndexUnavailable``. It refuses to own metrics, logging of degraded periods and
+fallback routing: ``router.index.resilient`` and the gateway do those.
+
+Data model: per replica, a sorted set block -> recency (its LRU list), a sorted set of
+the TTL'd entries' expiry times and a small meta hash (recency counter, capacity). A
+lookup walks each replica's sorted set with ZMSCORE in a read-only Lua script; a record
+adds, refreshes, extends expiries (``ZADD GT``) and trims in one atomic script, so two
+routers writing the same replica cannot interleave. ``clear`` unlinks the replica's own
+keys: proportional to its entries, never a keyspace scan.
+
+Redis Cluster hash tags: every key of one replica carries the tag ``{ns|replica}``. The
+obvious alternative, tagging by the chain's first block (a whole chain on one node), was
+rejected: ``remove`` and event-driven ``record`` calls get bare keys, not their chain's
+head, so they could not find the slot; and a record would touch a block's slot and the
+replica's slot, losing atomicity. With the replica tag every write is one script on one
+node, and a lookup sends one script per replica through a cluster pipeline: one round
+trip per node, run in parallel. The hot-spot risk: a node's lookup work follows the
+replicas hashed to it, and slots, not load, decide that. With few replicas (say 4 on 3
+masters) one node can hold twice the share of another. Every lookup visits every node
+that holds a replica, so cluster mode buys capacity (memory, writes), not fewer hops.
+
+Lookup variants (``lookup_mode``): ``lua`` (default) runs ``lookup.lua`` server-side and
+stops each replica's walk at its first miss, so it sends the keys once (single node) and
+returns one integer per replica. ``pipeline`` sends ZMSCORE over the full chain for every
+replica and computes runs in Python: the same one round trip, but reply size and Python
+work grow with replicas x prompt length. ``python -m loadtest.bench_index`` measures both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from importlib import resources
+from typing import Any, Literal, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.retry import Retry
+
+from router.index import keys as K
+from router.index.base import IndexUnavailable
+from router.index.batch import WriteBatcher
+from router.types import BackendId, BlockKey
+
+T = TypeVar("T")
+LookupMode = Literal["lua", "pipeline"]
+_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+_REFRESH_S = 0.5
+"""How stale the local list of replicas may get before a lookup re-reads it: a replica
+first recorded by another router shows up within this, and a lookup re-asks at once when
+the list changed, so no entry is missed; larger would hammer the registry's node less."""
+
+
+def _lua(name: str) -> str:
+    return resources.files("router.index").joinpath(f"lua/{name}.lua").read_text()
+
+
+def _split_cluster_url(url: str) -> tuple[str, bool]:
+    for scheme in ("redis+cluster://", "rediss+cluster://"):
+        if url.startswith(scheme):
+            return url.replace("+cluster", "", 1), True
+    return url, False
+
+
+class RedisBlockIndex:
+    name = "redis"
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        namespace: str,
+        deadline_ms: float = 5.0,
+        cluster: bool = False,
+        lookup_mode: LookupMode = "lua",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._r = client
+        self._ns = namespace
+        self._deadline = deadline_ms / 1000.0
+        self._cluster = cluster
+        self.lookup_mode: LookupMode = lookup_mode
+        self._clock = clock
+        self._replica_src, self._lookup_src = _lua("replica"), _lua("lookup")
+        # register_script once: calls go by SHA; NOSCRIPT (a restarted Redis) reloads
+        self._replica_script = client.register_script(self._replica_src)
+        self._lookup_sha = client.register_script(self._lookup_src).sha
+        self._replicas: list[BackendId] | None = None
+        self._replicas_at = 0.0
+        self._writes = WriteBatcher(self._flush_writes, deadline_s=self._deadline)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        namespace: str,
+        deadline_ms: float = 5.0,
+        cluster: bool | None = None,
+        lookup_mode: LookupMode = "lua",
+        max_connections: int = 256,
+    ) -> RedisBlockIndex:
+        """``redis://host:port/db``; ``redis+cluster://host:port`` (or ``cluster=True``) for a Cluster."""
+        plain, by_scheme = _split_cluster_url(url)
+        is_cluster = by_scheme if cluster is None else cluster
+        timeout_s = max(deadline_ms / 1000.0, 0.05)
+        common: dict[str, Any] = {
+            "socket_connect_timeout": timeout_s,
+            # our own asyncio deadline cuts every call; retries would only spend it twice
+            "retry": Retry(NoBackoff(), 0),
+            "max_connections": max_connections,
+        }
+        client: Any
+        if is_cluster:
+            client = RedisCluster.from_url(plain, **common)
+        else:
+            client = aioredis.Redis.from_url(plain, health_check_interval=0, **common)
+        return cls(
+            client, namespace=namespace, deadline_ms=deadline_ms, cluster=is_cluster, lookup_mode=lookup_mode
+        )
+
+    @property
+    def client(self) -> Any:
+        return self._r
+
+    # --- the contract ---------------------------------------------------------------------
+
+    async def lookup(self, keys: Sequence[BlockKey]) -> Mapping[BackendId, int]:
+        if not keys:
+            return {}
+        members = K.block_members(keys)
+        return await self._bounded("lookup", lambda: self._lookup(members))
+
+    async def record(self, replica: BackendId, keys: Sequence[BlockKey], *, ttl_s: float | None) -> None:
+        if not keys:
+            return
+        ttl_ms = -1 if ttl_s is None else max(1, round(ttl_s * 1000))
+        self._know(replica)
+        await self._bounded(
+            "record", lambda: self._writes.submit(replica, ["record", ttl_ms, *K.block_members(keys)])
+        )
+
+    async def remove(self, replica: BackendId, keys: Sequence[BlockKey]) -> None:
+        if keys:
+            await self._bounded(
+                "remove", lambda: self._writes.submit(replica, ["remove", *K.block_members(keys)])
+            )
+
+    async def clear(self, replica: BackendId) -> int:
+        return int(await self._bounded("clear", lambda: self._replica_op(replica, "clear")))
+
+    async def clear_all(self) -> None:
+        async def run() -> None:
+            replicas = await self._read_replicas()
+            if replicas:
+                await self._pipelined([(r, ["clear"]) for r in replicas])
+
+        await self._bounded("clear", run)
+
+    async def set_capacity(self, replica: BackendId, blocks: int | None) -> None:
+        self._know(replica)
+        await self._bounded(
+            "capacity", lambda: self._replica_op(replica, "cap", -1 if blocks is None else blocks)
+        )
+
+    async def sizes(self) -> Mapping[BackendId, int]:
+        async def run() -> dict[BackendId, int]:
+            replicas = await self._read_replicas()
+            pipe = self._r.pipeline(transaction=False)
+            for r in replicas:
+                pipe.zcard(K.replica_lru(self._ns, r))
+            counts = await pipe.execute() if replicas else []
+            return {r: int(c) for r, c in zip(replicas, counts, strict=True) if c}
+
+        return await self._bounded("sizes", run)
+
+    async def purge_expired(self) -> int:
+        async def run() -> int:
+            replicas = await self._read_replicas()
+            return (
+                sum(int(n) for n in await self._pipelined([(r, ["purge"]) for r in replicas]))
+                if replicas
+                else 0
+            )
+
+        return await self._bounded("purge", run)
+
+    async def close(self) -> None:
+        await self._writes.close()
+        await self._r.aclose()
+
+    # --- internals ------------------------------------------------------------------------
+
+    async def _bounded(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one index call under the deadline; every way Redis can fail becomes IndexUnavailable."""
+        try:
+            async with asyncio.timeout(self._deadline):
+                return await fn()
+        except IndexUnavailable:
+            raise
+        except _FAILURES as exc:
+            raise IndexUnavailable(f"redis {op} failed: {type(exc).__name__}: {exc}") from exc
+
+    def _know(self, replica: BackendId) -> None:
+        if self._replicas is not None and replica not in self._replicas:
+            self._replicas.append(replica)
+
+    async def _read_replicas(self) -> list[BackendId]:
+        raw = await self._r.smembers(K.replicas(self._ns))
+        self._replicas = sorted(BackendId(m.decode()) for m in raw)
+        self._replicas_at = self._clock()
+        return list(self._replicas)
+
+    async def _lookup(self, members: list[bytes]) -> dict[BackendId, int]:
+        if self._replicas is None:
+            await self._read_replicas()
+        assert self._replicas is not None
+        refresh = self._clock() - self._replicas_at > _REFRESH_S
+        asked = list(self._replicas)
+        result, fresh = await self._lookup_round(asked, members, refresh)
+        if fresh is not None:
+            self._replicas, self._replicas_at = fresh, self._clock()
+            missed = [r for r in fresh if r not in asked]
+            if missed:  # another router added a replica since we last looked: ask about it now
+                more, _ = await self._lookup_round(missed, members, False)
+                result.update(more)
+        return result
+
+    async def _lookup_round(
+        self, replicas: list[BackendId], members: list[bytes], refresh: bool
+    ) -> tuple[dict[BackendId, int], list[BackendId] | None]:
+        pipe = self._r.pipeline(transaction=False)
+        if refresh:
+            pipe.smembers(K.replicas(self._ns))
+        if self.lookup_mode == "pipeline":
+            pipe.time()
+            for r in replicas:
+                pipe.zmscore(K.replica_lru(self._ns, r), members)
+                pipe.zmscore(K.replica_exp(self._ns, r), members)
+        elif self._cluster:  # one script per replica, grouped per node by the cluster pipeline
+            for r in replicas:
+                pipe.execute_command(
+                    "EVALSHA",
+                    self._lookup_sha,
+                    2,
+                    K.replica_lru(self._ns, r),
+                    K.replica_exp(self._ns, r),
+                    *members,
+                )
+        elif replicas:
+            pairs = [k for r in replicas for k in (K.replica_lru(self._ns, r), K.replica_exp(self._ns, r))]
+            pipe.execute_command("EVALSHA", self._lookup_sha, len(pairs), *pairs, *members)
+        out = await self._execute(pipe, lambda: self._lookup_round(replicas, members, refresh))
+        if isinstance(out, tuple):
+            return out
+        fresh = sorted(BackendId(m.decode()) for m in out.pop(0)) if refresh else None
+        if self.lookup_mode == "pipeline":
+            runs = _runs_from_scores(out)
+        else:
+            runs = [int(x) for reply in out for x in reply]
+        return {r: n for r, n in zip(replicas, runs, strict=True) if n > 0}, fresh
+
+    async def _execute(self, pipe: Any, again: Callable[[], Awaitable[T]]) -> list[Any] | T:
+        try:
+            return list(await pipe.execute())
+        except NoScriptError:
+            # Redis restarted empty (or failed over): load the scripts everywhere, then redo once
+            await self._r.script_load(self._replica_src)
+            await self._r.script_load(self._lookup_src)
+            return await again()
+
+    async def _replica_op(self, replica: BackendId, *args: Any) -> Any:
+        if args[0] != "clear":
+            await self._r.sadd(K.replicas(self._ns), replica)
+        return await self._replica_script(keys=K.replica_keys(self._ns, replica), args=list(args))
+
+    async def _pipelined(self, ops: list[tuple[BackendId, list[Any]]]) -> list[Any]:
+        pipe = self._r.pipeline(transaction=False)
+        sha = self._replica_script.sha
+        for replica, args in ops:
+            pipe.execute_command("EVALSHA", sha, 3, *K.replica_keys(self._ns, replica), *args)
+        out = await self._execute(pipe, lambda: self._pipelined(ops))
+        return out if isinstance(out, list) else list(out)
+
+    async def _flush_writes(self, ops: list[tuple[BackendId, list[Any]]]) -> None:
+        """One pipeline for every write submitted in the same event-loop turn (group commit)."""
+        new = {r for r, args in ops if args[0] == "record"}
+        pipe = self._r.pipeline(transaction=False)
+        if new:  # the registry lets lookups and sizes() find replicas without a scan
+            pipe.sadd(K.replicas(self._ns), *new)
+        sha = self._replica_script.sha
+        for replica, args in ops:
+            pipe.execute_command("EVALSHA", sha, 3, *K.replica_keys(self._ns, replica), *args)
+        await self._execute(pipe, lambda: self._flush_writes(ops))
+
+
+def _runs_from_scores(out: list[Any]) -> list[int]:
+    """Pipeline variant: [TIME, (lru scores, exp scores) per replica] -> leading runs."""
+    secs, micros = out[0]
+    now_ms = int(secs) * 1000 + int(micros) // 1000
+    runs = []
+    for lru, exp in zip(out[1::2], out[2::2], strict=True):
+        run = 0
+        for held, expiry in zip(lru, exp, strict=True):
+            if held is None or (expiry is not None and expiry <= now_ms):
+                break
+            run += 1
+        runs.append(run)
+    return runs
