@@ -1,0 +1,187 @@
+"""Reports of one run or of a comparison: JSON, a Markdown page, a rich table and PNG plots.
+
+A single run is a comparison of one arm, so both go through the same code. Plots use
+matplotlib's Agg backend (no display needed): the TTFT CDF per arm, requests and busy
+share per engine per arm, and hit rate per arm beside the ceiling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import orjson
+from rich.table import Table
+
+from loadtest.runner.run import RunResult
+
+COLUMNS = ("arm", "ok/sent", "errors", "hit rate", "hit (engine ctr)", "ceiling", "of ceiling",
+           "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "E2E p99 ms", "req/s", "out tok/s", "load max/mean",
+           "busy max/mean")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{1000 * x:.0f}" if x >= 0.1 else f"{1000 * x:.1f}"
+
+
+def _num(x: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def row(result: RunResult) -> list[str]:
+    s = result.summary
+    errors = ", ".join(f"{k}:{v}" for k, v in sorted(s["errors"].items())) or "0"
+    return [result.name, f"{s['ok']}/{s['requests']}", errors, _pct(s["hit_rate_usage"]),
+            _pct(s["hit_rate_counters"]), _pct(s["ceiling"]), _pct(s["of_ceiling"]),
+            _ms(s["ttft_s"]["p50"]), _ms(s["ttft_s"]["p99"]), _ms(s["itl_s"]["p50"]), _ms(s["e2e_s"]["p99"]),
+            _num(s["throughput_rps"], "{:.1f}"), _num(s["output_tokens_per_s"], "{:.0f}"),
+            _num(s["load_balance"]), _num(s["busy_balance"])]
+
+
+def rich_table(results: Sequence[RunResult]) -> Table:
+    first = results[0]
+    table = Table(title=f"{first.workload} (seed {first.seed}, {first.summary['requests']} requests, {first.arrival})")
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col == "arm" else "right")
+    for result in results:
+        table.add_row(*row(result))
+    return table
+
+
+def markdown_table(results: Sequence[RunResult]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if c == "arm" else "---:" for c in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(row(r)) + " |" for r in results]
+    return "\n".join(lines)
+
+
+def _engine_table(results: Sequence[RunResult]) -> str:
+    urls: list[str] = []
+    for r in results:
+        urls += [u for u in r.summary["engine_requests"] if u not in urls]
+        urls += [u for u in r.summary["engine_busy"] if u not in urls]
+    if not urls:
+        return "_No engine was read: pass `--engines URL...` to get engine-side figures._"
+    head = "| engine | " + " | ".join(f"{r.name} requests | {r.name} busy" for r in results) + " |"
+    lines = [head, "|---|" + "---:|---:|" * len(results)]
+    for url in urls:
+        cells = []
+        for r in results:
+            req = r.summary["engine_requests"].get(url)
+            busy = r.summary["engine_busy"].get(url)
+            cells += ["-" if req is None else f"{req:.0f}", "-" if busy is None else f"{busy:.2f}"]
+        lines.append(f"| {url} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(results: Sequence[RunResult], images: Sequence[Path], title: str | None = None) -> str:
+    first = results[0]
+    params = ", ".join(f"{k}={v}" for k, v in first.workload_params.items() if v is not None)
+    opts = first.options
+    mode = (f"rate {opts['rate']}/s" if first.arrival == "poisson" else
+            f"concurrency {opts['concurrency'] or 8}" if first.arrival == "closed" else "trace timestamps")
+    out = [f"# {title or 'Load test'}: {first.workload}, seed {first.seed}", "",
+           f"- Started {first.started_at}; api `{opts['api']}`, {'streaming' if opts['stream'] else 'non-streaming'}; "
+           f"arrivals: {mode}; limits: {opts['max_requests'] or 'all'} requests, "
+           f"{opts['duration_s'] or 'no'} s duration.",
+           f"- Workload: {params}.",
+           f"- Ceiling: one unlimited prefix cache on the same requests, block size {first.block_size}, "
+           "last prompt token always recomputed.", "",
+           markdown_table(results), "",
+           "**Reading it.** *hit rate* is cached / prompt tokens from the engines' `usage`; *hit (engine ctr)* is "
+           "the same from the engines' `vllm:prefix_cache_*` counters (they include every client of those engines). "
+           "*of ceiling* is hit rate / ceiling. *load max/mean* is the busiest engine's requests over the mean "
+           "(1.00 is perfect balance); *busy max/mean* the same for requests running or waiting, sampled.", "",
+           "## Per engine", "", _engine_table(results), ""]
+    mismatches = {r.name: r.summary.get("token_count_mismatches", 0) for r in results}
+    if any(mismatches.values()):
+        out += [f"**Warning:** the engines counted prompt tokens differently from the local tokenizer for "
+                f"{mismatches} requests, so the ceiling may be off for those.", ""]
+    out += [f"![{p.stem}]({p.name})" for p in images]
+    return "\n".join(out) + "\n"
+
+
+def plot_ttft_cdf(results: Sequence[RunResult], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        values = sorted(1000 * x.ttft_s for x in r.records if x.ok and x.ttft_s is not None)
+        if not values:
+            values = sorted(1000 * x.e2e_s for x in r.records if x.ok and x.e2e_s is not None)
+        if values:
+            ax.plot(values, np.arange(1, len(values) + 1) / len(values), label=r.name)
+    ax.set_xlabel("time to first token (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("TTFT CDF")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_engine_load(results: Sequence[RunResult], path: Path) -> Path:
+    urls = sorted({u for r in results for u in r.summary["engine_requests"]})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.8 / max(1, len(results))
+    x = np.arange(len(urls))
+    for i, r in enumerate(results):
+        ax.bar(x + i * width, [r.summary["engine_requests"].get(u, 0) for u in urls], width, label=r.name)
+    ax.set_xticks(x + width * (len(results) - 1) / 2, [u.rsplit(":", 1)[-1] for u in urls], fontsize=8)
+    ax.set_xlabel("engine (port)")
+    ax.set_ylabel("requests")
+    ax.set_title("Requests per engine")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_hit_rate(results: Sequence[RunResult], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = [r.name for r in results]
+    hits = [100 * (r.summary["hit_rate_usage"] or 0.0) for r in results]
+    ax.bar(names, hits, color="tab:blue", label="hit rate (usage)")
+    ceilings = [r.summary["ceiling"] for r in results if r.summary["ceiling"] is not None]
+    if ceilings:
+        ax.axhline(100 * max(ceilings), color="tab:red", linestyle="--", label="ceiling")
+    ax.set_ylabel("prompt tokens served from cache (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Hit rate by policy")
+    ax.tick_params(axis="x", labelsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: Sequence[RunResult], out_json: Path, title: str | None = None,
+                 records: bool = True) -> dict[str, Path]:
+    """``out_json`` (all arms), a Markdown report beside it and three PNGs sharing its stem."""
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    stem = out_json.with_suffix("")
+    arms = [r.to_dict(records=records) for r in results]
+    data: Any = arms[0] if len(arms) == 1 else {"arms": arms}
+    out_json.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    images = [plot_ttft_cdf(results, Path(f"{stem}-ttft.png")),
+              plot_engine_load(results, Path(f"{stem}-engines.png")),
+              plot_hit_rate(results, Path(f"{stem}-hit-rate.png"))]
+    md = out_json.with_suffix(".md")
+    md.write_text(markdown(results, images, title))
+    return {"json": out_json, "markdown": md, "ttft": images[0], "engines": images[1], "hit_rate": images[2]}
+
+
+def load_results(path: Path) -> list[RunResult]:
+    data = orjson.loads(path.read_bytes())
+    return [RunResult.from_dict(d) for d in data["arms"]] if "arms" in data else [RunResult.from_dict(data)]
