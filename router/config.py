@@ -123,6 +123,8 @@ class IndexConfig(_Section):
     A decoding engine stores a block every block_size tokens, so a busy one is never silent for 30 s."""
     selfcheck: bool = True
     """Precise mode: probe each replica at start and refuse precise mode when its keys disagree."""
+    cluster: bool = False
+    """redis_url names a node of a Redis Cluster (a ``redis+cluster://`` URL implies it too)."""
 
 
 class AdmissionConfig(_Section):

@@ -94,6 +94,7 @@ class RedisBlockIndex:
         self._lookup_sha = client.register_script(self._lookup_src).sha
         self._replicas: list[BackendId] | None = None
         self._replicas_at = 0.0
+        self._caps: dict[BackendId, int | None] = {}  # re-applied when Redis comes back empty
         self._writes = WriteBatcher(self._flush_writes, deadline_s=self._deadline)
 
     @classmethod
@@ -166,6 +167,7 @@ class RedisBlockIndex:
 
     async def set_capacity(self, replica: BackendId, blocks: int | None) -> None:
         self._know(replica)
+        self._caps[replica] = blocks
         await self._bounded(
             "capacity", lambda: self._replica_op(replica, "cap", -1 if blocks is None else blocks)
         )
@@ -271,34 +273,34 @@ class RedisBlockIndex:
         try:
             return list(await pipe.execute())
         except NoScriptError:
-            # Redis restarted empty (or failed over): load the scripts everywhere, then redo once
+            # Redis restarted empty (or failed over): load the scripts on every node, put back
+            # the capacities it forgot (or the index would grow unbounded), then redo once
             await self._r.script_load(self._replica_src)
             await self._r.script_load(self._lookup_src)
+            if self._caps:
+                caps = [(r, ["cap", -1 if c is None else c]) for r, c in self._caps.items()]
+                await self._pipelined(caps)
             return await again()
 
     async def _replica_op(self, replica: BackendId, *args: Any) -> Any:
-        if args[0] != "clear":
-            await self._r.sadd(K.replicas(self._ns), replica)
-        return await self._replica_script(keys=K.replica_keys(self._ns, replica), args=list(args))
+        return (await self._pipelined([(replica, list(args))]))[0]
 
     async def _pipelined(self, ops: list[tuple[BackendId, list[Any]]]) -> list[Any]:
+        """Replica-script calls in one pipeline; returns their replies in order."""
+        # the registry lets lookups and sizes() find replicas without a scan
+        new = {r for r, args in ops if args[0] in ("record", "cap")}
         pipe = self._r.pipeline(transaction=False)
         sha = self._replica_script.sha
         for replica, args in ops:
             pipe.execute_command("EVALSHA", sha, 3, *K.replica_keys(self._ns, replica), *args)
+        if new:
+            pipe.sadd(K.replicas(self._ns), *new)
         out = await self._execute(pipe, lambda: self._pipelined(ops))
-        return out if isinstance(out, list) else list(out)
+        return out[: len(ops)]
 
     async def _flush_writes(self, ops: list[tuple[BackendId, list[Any]]]) -> None:
         """One pipeline for every write submitted in the same event-loop turn (group commit)."""
-        new = {r for r, args in ops if args[0] == "record"}
-        pipe = self._r.pipeline(transaction=False)
-        if new:  # the registry lets lookups and sizes() find replicas without a scan
-            pipe.sadd(K.replicas(self._ns), *new)
-        sha = self._replica_script.sha
-        for replica, args in ops:
-            pipe.execute_command("EVALSHA", sha, 3, *K.replica_keys(self._ns, replica), *args)
-        await self._execute(pipe, lambda: self._flush_writes(ops))
+        await self._pipelined(ops)
 
 
 def _runs_from_scores(out: list[Any]) -> list[int]:

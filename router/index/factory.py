@@ -1,0 +1,27 @@
+"""Which index a router gets: in-process by default, the shared Redis one when ``redis_url`` is set.
+
+Owns the choice and the wrapping; the backends own their behaviour. The Redis index is
+wrapped in ``ResilientIndex`` (metrics, degraded log lines, fail-fast), so callers see
+one BlockIndex whatever the deployment.
+"""
+
+from __future__ import annotations
+
+from router.config import RouterConfig
+from router.index.base import BlockIndex
+from router.index.memory import MemoryBlockIndex
+from router.index.redis import RedisBlockIndex
+from router.index.resilient import ResilientIndex
+
+
+def make_index(config: RouterConfig) -> BlockIndex:
+    if config.redis_url is None:
+        return MemoryBlockIndex()
+    cfg = config.index
+    redis = RedisBlockIndex.from_url(
+        config.redis_url,
+        namespace=cfg.namespace,
+        deadline_ms=cfg.deadline_ms,
+        cluster=True if cfg.cluster else None,  # None: let the URL's scheme decide
+    )
+    return ResilientIndex(redis)

@@ -1,0 +1,130 @@
+"""Metrics and fail-fast around any BlockIndex: latency, errors, degraded state, one log line per change.
+
+Owns what the router tells operators about its index: ``cache_router_index_lookup_seconds``,
+``cache_router_index_errors{op}``, ``cache_router_index_degraded`` and
+``cache_router_index_blocks`` (refreshed by ``sizes()``), and a warning when the index
+becomes unreachable and an info line when it is back, never one per request.
+
+While degraded it fails fast: for ``retry_after_s`` after a failure, calls raise
+``IndexUnavailable`` at once instead of each spending the full deadline on a Redis that
+is down or paused; then the next call probes again. The contract is unchanged (item 7):
+callers still see only ``IndexUnavailable`` and route without the index. Refilling after
+Redis comes back empty needs nothing special: every routed request records its keys again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
+
+from router.index.base import BlockIndex, IndexUnavailable
+from router.metrics import INDEX_BLOCKS, INDEX_DEGRADED, INDEX_ERRORS, INDEX_LOOKUP_SECONDS
+from router.types import BackendId, BlockKey
+
+log = logging.getLogger("cache_router.index")
+T = TypeVar("T")
+
+RETRY_AFTER_S = 0.25
+"""Fail-fast window after a failure: short enough that routing is warm again within a
+second of Redis returning, long enough that a paused Redis costs one deadline per window,
+not one per request."""
+
+
+class ResilientIndex:
+    def __init__(
+        self,
+        inner: BlockIndex,
+        *,
+        retry_after_s: float = RETRY_AFTER_S,
+        metrics: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self._retry_after = retry_after_s
+        self._metrics = metrics
+        self._clock = clock
+        self._degraded_since: float | None = None
+        self._retry_at = 0.0
+        self._failed = 0
+        self._lookup_seconds = INDEX_LOOKUP_SECONDS.labels(inner.name)
+
+    @property
+    def degraded(self) -> bool:
+        return self._degraded_since is not None
+
+    async def lookup(self, keys: Sequence[BlockKey]) -> Mapping[BackendId, int]:
+        t0 = time.perf_counter()
+        try:
+            return await self._guard("lookup", lambda: self.inner.lookup(keys))
+        finally:
+            if self._metrics:
+                self._lookup_seconds.observe(time.perf_counter() - t0)
+
+    async def record(self, replica: BackendId, keys: Sequence[BlockKey], *, ttl_s: float | None) -> None:
+        await self._guard("record", lambda: self.inner.record(replica, keys, ttl_s=ttl_s))
+
+    async def remove(self, replica: BackendId, keys: Sequence[BlockKey]) -> None:
+        await self._guard("remove", lambda: self.inner.remove(replica, keys))
+
+    async def clear(self, replica: BackendId) -> int:
+        n = await self._guard("clear", lambda: self.inner.clear(replica))
+        if self._metrics:
+            INDEX_BLOCKS.labels(replica).set(0)
+        return n
+
+    async def clear_all(self) -> None:
+        await self._guard("clear", self.inner.clear_all)
+
+    async def set_capacity(self, replica: BackendId, blocks: int | None) -> None:
+        await self._guard("capacity", lambda: self.inner.set_capacity(replica, blocks))
+
+    async def sizes(self) -> Mapping[BackendId, int]:
+        sizes = await self._guard("sizes", self.inner.sizes)
+        if self._metrics:
+            for replica, n in sizes.items():
+                INDEX_BLOCKS.labels(replica).set(n)
+        return sizes
+
+    async def purge_expired(self) -> int:
+        return await self._guard("purge", self.inner.purge_expired)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def _guard(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+        if self._degraded_since is not None and self._clock() < self._retry_at:
+            self._note_failure(op)
+            raise IndexUnavailable("index degraded: failing fast until the next probe")
+        try:
+            result = await call()
+        except IndexUnavailable as exc:
+            self._note_failure(op, exc)
+            raise
+        if self._degraded_since is not None:
+            log.info(
+                "index %s recovered after %.1fs (%d calls routed without it)",
+                self.name,
+                self._clock() - self._degraded_since,
+                self._failed,
+            )
+            self._degraded_since, self._failed = None, 0
+            if self._metrics:
+                INDEX_DEGRADED.set(0)
+        return result
+
+    def _note_failure(self, op: str, exc: IndexUnavailable | None = None) -> None:
+        now = self._clock()
+        self._failed += 1
+        if self._metrics:
+            INDEX_ERRORS.labels(op).inc()
+        if exc is None:
+            return
+        self._retry_at = now + self._retry_after
+        if self._degraded_since is None:
+            self._degraded_since = now
+            log.warning("index %s unavailable, routing without it until it answers again: %s", self.name, exc)
+            if self._metrics:
+                INDEX_DEGRADED.set(1)
