@@ -86,6 +86,9 @@ INDEX_DEGRADED = Gauge(
     "cache_router_index_degraded", "1 while the index is unreachable and routing fails open", registry=REGISTRY)
 
 # --- hot path stages ------------------------------------------------------------------------
+TOKENIZER_APPROXIMATE = Gauge(
+    "cache_router_tokenizer_approximate", "1 while a model is keyed in approximate character mode "
+    "(no tokenizer configured: token counts are estimates)", ["model"], registry=REGISTRY)
 STAGE_SECONDS = Histogram(
     "cache_router_stage_seconds", "Router time per stage (parse, render, tokenize, hash, lookup, score, proxy_connect)",
     ["stage"], buckets=_FAST, registry=REGISTRY)

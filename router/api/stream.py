@@ -1,0 +1,86 @@
+"""The ASGI answer of a routed request: dispatch, then pass the upstream answer through.
+
+It runs the dispatch itself (not the endpoint), so that a client that disconnects at any
+time, while waiting for the first token or mid-stream, cancels the upstream request: a
+watcher awaits ``http.disconnect`` and cancels the serving task, which closes the
+upstream connection (the engine sees the disconnect and aborts) and releases the
+replica's in-flight slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from starlette.types import Receive, Scope, Send
+
+from router.api.errors import error_response
+from router.errors import RouterError
+from router.pipeline import Pipeline, Routed
+
+_KEEP = frozenset({b"content-type"})
+
+
+class ProxyResponse:
+    __slots__ = ("_closing", "_left", "pipeline", "routed")
+
+    def __init__(self, pipeline: Pipeline, routed: Routed) -> None:
+        self.pipeline = pipeline
+        self.routed = routed
+        self._left = False
+        self._closing = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        main = asyncio.current_task()
+        assert main is not None
+        watcher = asyncio.create_task(self._watch(receive, main), name="client-disconnect-watch")
+        try:
+            await self._serve(scope, receive, send)
+        except asyncio.CancelledError:
+            if not self._left:
+                raise
+            main.uncancel()
+        finally:
+            watcher.cancel()
+
+    async def _watch(self, receive: Receive, main: asyncio.Task[Any]) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not self._closing:
+                    self._left = True
+                    main.cancel()
+                return
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        r = self.routed
+        try:
+            opened = await self.pipeline.dispatch(r)
+        except RouterError as exc:
+            self._closing = True
+            await error_response(exc)(scope, receive, send)
+            return
+        headers = [(k, v) for k, v in opened.headers if k.lower() in _KEEP]
+        headers += [
+            (b"x-cache-router-backend", opened.backend.encode()),
+            (b"x-cache-router-matched-tokens", str(self.pipeline.predicted(r, opened.backend)).encode()),
+            (b"x-request-id", r.request_id.encode()),
+        ]
+        if opened.response is None:
+            self.pipeline.complete(r, opened)
+            headers.append((b"content-length", str(len(opened.first)).encode()))
+            self._closing = True
+            await send({"type": "http.response.start", "status": opened.status, "headers": headers})
+            await send({"type": "http.response.body", "body": opened.first, "more_body": False})
+            return
+        headers.append((b"cache-control", b"no-cache"))
+
+        async def start() -> None:
+            await send({"type": "http.response.start", "status": opened.status, "headers": headers})
+
+        async def body(chunk: bytes) -> None:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+        await self.pipeline.relay(r, opened, start, body)
+        self._closing = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -1,0 +1,152 @@
+"""``create_app(config)``: the routes, and a lifespan that starts and stops every part.
+
+Start order: index, fleet (one probe round so the router is ready before traffic),
+scheduler, KV-event ingest (when any replica has events configured), the shared HTTP
+client, the index-size task. Stop order is the reverse. Nothing starts at import.
+
+Wiring between parts lives here and nowhere else: a replica removed or restarted has its
+index entries cleared; a capacity learned from the engine bounds its entries (config wins).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+
+from router.api import routes
+from router.api.errors import http_exception, unhandled
+from router.config import RouterConfig
+from router.fleet.registry import Fleet
+from router.index.base import BlockIndex, IndexUnavailable
+from router.index.memory import MemoryBlockIndex
+from router.metrics import INDEX_BLOCKS, INDEX_ERRORS
+from router.pipeline import Pipeline
+from router.proxy.client import HttpxUpstream
+from router.proxy.forward import Forwarder
+from router.request.prompt import PromptEncoder
+from router.scheduling import Scheduler
+from router.types import BackendId
+
+log = logging.getLogger("cache_router.app")
+
+INDEX_SIZES_INTERVAL_S = 5.0
+"""How often expired entries are purged and index sizes exported: a dashboard refresh."""
+
+
+def make_index(config: RouterConfig) -> BlockIndex:
+    try:
+        factory = importlib.import_module("router.index.factory")
+    except ImportError:
+        if config.redis_url is not None:
+            raise
+        return MemoryBlockIndex()
+    index: BlockIndex = factory.make_index(config)
+    return index
+
+
+def make_ingest(config: RouterConfig, index: BlockIndex, fleet: Fleet) -> Any | None:
+    wanted = config.kv_events_bind is not None or any(b.kv_events or b.kv_topic for b in config.backends)
+    if not wanted or config.index.mode == "approximate":
+        return None
+    try:
+        module = importlib.import_module("router.events.ingest")
+    except ImportError:
+        log.warning("KV events configured but router.events.ingest is not available: approximate mode")
+        return None
+    return module.EventIngest(config, index, fleet)
+
+
+async def _index_sizes(index: BlockIndex, fleet: Fleet) -> None:
+    """Purge expired entries and export per-replica sizes, forever (cancelled at shutdown)."""
+    while True:
+        try:
+            await index.purge_expired()
+            sizes = await index.sizes()
+            for b in fleet.backends():
+                INDEX_BLOCKS.labels(b.id).set(sizes.get(b.id, 0))
+        except IndexUnavailable:
+            INDEX_ERRORS.labels("sizes").inc()
+        await asyncio.sleep(INDEX_SIZES_INTERVAL_S)
+
+
+async def _run_named(name: str, coro: Any) -> None:
+    try:
+        await coro
+    except asyncio.CancelledError:
+        log.info("%s stopped: shutdown", name)
+        raise
+    except Exception:
+        log.exception("%s stopped: crashed", name)
+
+
+def _wire(config: RouterConfig, index: BlockIndex, fleet: Fleet) -> None:
+    configured = {b.url: b.capacity_blocks for b in config.backends if b.capacity_blocks is not None}
+
+    async def cleared(backend: BackendId) -> None:
+        try:
+            n = await index.clear(backend)
+            log.info("index: cleared %d entries of %s", n, backend)
+        except IndexUnavailable:
+            INDEX_ERRORS.labels("clear").inc()
+
+    async def capacity(backend: BackendId, blocks: int) -> None:
+        if backend in configured:
+            return  # an operator's number wins over the engine's
+        try:
+            await index.set_capacity(backend, blocks)
+        except IndexUnavailable:
+            INDEX_ERRORS.labels("capacity").inc()
+
+    fleet.on_removed(cleared)
+    fleet.on_restart(cleared)
+    fleet.on_capacity(capacity)
+
+
+def create_app(config: RouterConfig) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        index = make_index(config)
+        fleet = Fleet(config)
+        _wire(config, index, fleet)
+        for b in fleet.backends():
+            blocks = next((c.capacity_blocks for c in config.backends if c.url == b.id), None)
+            blocks = blocks or config.index.default_capacity_blocks
+            if blocks is not None:
+                with contextlib.suppress(IndexUnavailable):
+                    await index.set_capacity(b.id, blocks)
+        await fleet.start()
+        await fleet.probe_all()
+        scheduler = Scheduler(config.scheduling, config.policy, random.Random())
+        ingest = make_ingest(config, index, fleet)
+        if ingest is not None:
+            await ingest.start()
+        client = HttpxUpstream(config.proxy, config.timeouts)
+        pipeline = Pipeline(config, index, fleet, scheduler, PromptEncoder(config),
+                            Forwarder(client, fleet, config))
+        app.state.pipeline = pipeline
+        sizes = asyncio.create_task(_run_named("index-sizes", _index_sizes(index, fleet)), name="index-sizes")
+        log.info("cache-router ready: %d replicas, policy %s, index %s, %s", len(fleet.backends()),
+                 config.policy, index.name, "tokenizer" if config.tokenizer else "approximate character mode")
+        try:
+            yield
+        finally:
+            sizes.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sizes
+            await pipeline.drain()
+            if ingest is not None:
+                await ingest.stop()
+            await fleet.stop()
+            await client.aclose()
+            await index.close()
+
+    return Starlette(routes=routes(), lifespan=lifespan,
+                     exception_handlers={HTTPException: http_exception, Exception: unhandled})

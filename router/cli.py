@@ -1,0 +1,89 @@
+"""``cache-router serve | check-config | demo``: the command line.
+
+Flags override the config file; the merged config is validated once (unknown keys are
+errors). ``serve`` runs uvicorn with uvloop and httptools, the fastest pairing measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from router.config import ConfigError, RouterConfig, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cache-router", description="A cache-aware fleet router for LLM inference.")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the router")
+    serve.add_argument("--config", help="YAML config file")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--backend", action="append", metavar="URL", help="engine replica base URL (repeatable)")
+    serve.add_argument("--tokenizer", metavar="DIR", help="model directory (tokenizer.json, chat template)")
+    serve.add_argument("--block-size", type=int)
+    serve.add_argument("--policy")
+    serve.add_argument("--redis-url")
+    serve.add_argument("--log-level")
+    check = sub.add_parser("check-config", help="validate a config file and print a summary")
+    check.add_argument("file")
+    sub.add_parser("demo", help="start simulated engines and the router, compare against round robin",
+                   add_help=False)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    overrides: dict[str, Any] = {
+        "host": args.host, "port": args.port, "tokenizer": args.tokenizer, "block_size": args.block_size,
+        "policy": args.policy, "redis_url": args.redis_url, "log_level": args.log_level,
+    }
+    if args.backend:
+        overrides["backends"] = [{"url": u} for u in args.backend]
+    return load_config(args.config, **overrides)
+
+
+def summary(config: RouterConfig) -> str:
+    lines = [
+        f"listen     {config.host}:{config.port}",
+        f"policy     {config.policy}",
+        f"tokenizer  {config.tokenizer or '(none: approximate character mode)'}",
+        f"block size {config.block_size}",
+        f"index      {'redis ' + config.redis_url if config.redis_url else 'in-process'}",
+        f"backends   {len(config.backends)}",
+    ]
+    lines += [f"  - {b.url}" + (f" models={','.join(b.models)}" if b.models else "") for b in config.backends]
+    return "\n".join(lines)
+
+
+def serve(config: RouterConfig) -> int:
+    import uvicorn
+
+    from router.app import create_app
+
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(create_app(config), host=config.host, port=config.port, loop="uvloop", http="httptools",
+                log_level=config.log_level, lifespan="on", access_log=False, timeout_graceful_shutdown=30)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["demo"]:
+        from router.demo import main as demo_main
+
+        result: int = demo_main(args_list[1:])
+        return result
+    args = _parser().parse_args(args_list)
+    try:
+        if args.command == "check-config":
+            config = load_config(args.file)
+            print(f"{args.file}: OK")
+            print(summary(config))
+            return 0
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"invalid config: {exc}", file=sys.stderr)
+        return 1
+    return serve(config)

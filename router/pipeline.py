@@ -1,0 +1,324 @@
+"""One request's path: prepare (tokens, keys), gather (index lookup + fleet snapshot),
+decide (scheduler), dispatch (proxy), feedback (cached tokens -> index, metrics, log).
+
+All I/O for a decision happens in ``gather``; the scheduler decides synchronously from
+that frozen snapshot. After dispatch the prompt's keys are recorded for the chosen replica
+(short TTL when KV events will confirm them, ``index.ttl_s`` otherwise). When the engine
+reports fewer cached tokens than predicted, the replica's entries past what it really had
+are dropped (stale-hit correction) and the miss is charged to the index.
+
+Lost savings per request, in tokens, by cause: ``workload`` = cacheable tokens no replica
+held, ``routing`` = what the best holder had beyond the chosen replica (the price of load
+balancing), ``index`` = predicted minus engine-reported cached, when positive.
+
+The pipeline owns no HTTP: ``router.api`` parses and renders, ``router.proxy`` moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from router.config import RouterConfig
+from router.errors import NoHealthyBackend, NotFound, RouterError, UpstreamTimeout
+from router.index.base import BlockIndex, IndexUnavailable
+from router.metrics import (
+    CACHED_TOKENS,
+    DECISIONS,
+    INDEX_DEGRADED,
+    INDEX_ERRORS,
+    INDEX_LOOKUP_SECONDS,
+    LOST_SAVINGS,
+    PREDICTED_TOKENS,
+    PROMPT_TOKENS,
+    REQUEST_SECONDS,
+    REQUESTS,
+    STAGE_SECONDS,
+    STALE_HITS,
+    STREAM_ERRORS,
+    TTFT_SECONDS,
+)
+from router.proxy.client import TimedOut, UpstreamFailure
+from router.proxy.forward import Forwarder, Opened
+from router.proxy.sse import SseTap, cached_tokens, error_event, usage_of_body
+from router.request.model import RoutingRequest
+from router.request.prompt import EncodedPrompt, PromptEncoder
+from router.scheduling.model import Candidate, Decision, RouteRequest
+from router.types import BackendId, BlockKey
+
+log = logging.getLogger("cache_router.decision")
+errlog = logging.getLogger("cache_router.pipeline")
+
+_lookup_stage = STAGE_SECONDS.labels("lookup")
+_score_stage = STAGE_SECONDS.labels("score")
+PATHS = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+@dataclass(slots=True)
+class Gathered:
+    enc: EncodedPrompt
+    matched: Mapping[BackendId, int]
+    candidates: list[Candidate]
+    index_available: bool
+    route: RouteRequest
+
+
+@dataclass(slots=True)
+class Routed:
+    """One request from its decision to the end of its answer."""
+
+    req: RoutingRequest
+    request_id: str
+    gathered: Gathered
+    decision: Decision
+    arm: str
+    started: float
+    deadline: float
+    body: bytes
+    strip_usage: bool
+    outcome: str = "ok"
+    status: int = 0
+    cached: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, config: RouterConfig, index: BlockIndex, fleet: Any, scheduler: Any,
+                 encoder: PromptEncoder, forwarder: Forwarder, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.index = index
+        self.fleet = fleet
+        self.scheduler = scheduler
+        self.encoder = encoder
+        self.forwarder = forwarder
+        self._rng = rng or random.Random()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._block_pinned = "block_size" in config.model_fields_set
+
+    # --- prepare and gather -------------------------------------------------------------
+    def check_model(self, model: str) -> None:
+        backends = self.fleet.backends()
+        if any(model in b.models for b in backends):
+            return
+        if not any(b.models for b in backends):  # nothing discovered yet: not the client's fault
+            raise NoHealthyBackend("no replica has answered yet", retry_after=self._retry_after())
+        raise NotFound(f"model '{model}' is not served by any replica", param="model")
+
+    def block_size(self, model: str) -> int:
+        m = self.config.models.get(model)
+        if m is not None and m.block_size is not None:
+            return m.block_size
+        if not self._block_pinned:
+            for b in self.fleet.backends():
+                if b.block_size is not None and model in b.models:
+                    return int(b.block_size)
+        return self.config.block_size
+
+    async def gather(self, req: RoutingRequest, session: str | None = None) -> Gathered:
+        enc = await self.encoder.encode(req, self.block_size(req.model))
+        t0 = time.perf_counter()
+        available = True
+        matched: Mapping[BackendId, int] = {}
+        if enc.keys:
+            try:
+                matched = await self.index.lookup(enc.keys)
+                INDEX_DEGRADED.set(0)
+            except IndexUnavailable:
+                available = False
+                INDEX_ERRORS.labels("lookup").inc()
+                INDEX_DEGRADED.set(1)
+            INDEX_LOOKUP_SECONDS.labels(self.index.name).observe(time.perf_counter() - t0)
+        candidates = self.fleet.candidates(req.model, matched)
+        _lookup_stage.observe(time.perf_counter() - t0)
+        route = RouteRequest(model=req.model, keys=tuple(enc.keys), prompt_tokens=enc.prompt_tokens,
+                             block_size=enc.block_size, cacheable_blocks=enc.cacheable_blocks,
+                             session=session, index_available=available)
+        return Gathered(enc, matched, candidates, available, route)
+
+    def decide(self, g: Gathered, policy: str | None = None) -> Decision:
+        t0 = time.perf_counter()
+        try:
+            decision: Decision = self.scheduler.decide(g.route, g.candidates, policy=policy)
+        except NoHealthyBackend as exc:
+            if exc.retry_after is None:
+                exc.retry_after = self._retry_after()
+            raise
+        _score_stage.observe(time.perf_counter() - t0)
+        return decision
+
+    def _retry_after(self) -> float:
+        return max(1.0, self.config.health.interval_s)
+
+    # --- route and dispatch -------------------------------------------------------------
+    async def route(self, req: RoutingRequest, request_id: str, session: str | None) -> Routed:
+        started = time.monotonic()
+        self.check_model(req.model)
+        exp = self.config.experiment
+        arm, policy = "main", None
+        if exp.baseline_fraction > 0 and self._rng.random() < exp.baseline_fraction:
+            arm, policy = "baseline", exp.baseline_policy
+        g = await self.gather(req, session)
+        try:
+            decision = self.decide(g, policy)
+        except NoHealthyBackend:
+            REQUESTS.labels("none", req.model, arm, "no_backend").inc()
+            self._log(request_id, req.model, g, None, arm, "no_backend", 503, started)
+            raise
+        DECISIONS.labels(decision.reason, arm).inc()
+        strip = req.stream and not req.include_usage
+        body = req.raw
+        if strip:
+            opts = dict(req.body.get("stream_options") or {})
+            opts["include_usage"] = True
+            body = orjson.dumps({**req.body, "stream_options": opts})
+        return Routed(req, request_id, g, decision, arm, started,
+                      started + self.config.timeouts.total_s, body, strip)
+
+    async def dispatch(self, r: Routed) -> Opened:
+        d = r.decision
+        ranked = [d.backend, *(b for b in d.ranked if b != d.backend)]
+        self._record(d.backend, r.gathered.enc.keys)
+        headers = {"content-type": "application/json", "x-request-id": r.request_id}
+        try:
+            opened = await self.forwarder.open(ranked, PATHS[r.req.kind], r.body, headers,
+                                               stream=r.req.stream, deadline=r.deadline)
+        except RouterError as exc:
+            r.outcome, r.status = ("timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error"), exc.status
+            self.finish(r, None, None)
+            raise
+        except asyncio.CancelledError:
+            r.outcome = "cancelled"
+            self.finish(r, None, None)
+            raise
+        if opened.backend != d.backend:
+            self._record(opened.backend, r.gathered.enc.keys)
+        r.status = opened.status
+        if opened.status >= 400:
+            r.outcome = "client_error" if opened.status < 500 else "upstream_error"
+        return opened
+
+    def predicted(self, r: Routed, backend: BackendId) -> int:
+        """Tokens the index predicted ``backend`` holds, capped like the engine's report."""
+        g = r.gathered
+        return min(g.matched.get(backend, 0), g.enc.cacheable_blocks) * g.enc.block_size
+
+    def complete(self, r: Routed, opened: Opened) -> None:
+        """A non-streaming answer is whole in ``opened.first``."""
+        self.finish(r, opened, usage_of_body(opened.first) if opened.status == 200 else None)
+
+    async def relay(self, r: Routed, opened: Opened, start: Callable[[], Awaitable[None]],
+                    send: Callable[[bytes], Awaitable[None]]) -> None:
+        """Start the answer, pass a committed stream to ``send`` chunk by chunk, end it cleanly
+        if upstream breaks; the upstream response is closed and released whatever happens."""
+        tap = SseTap(strip_usage=r.strip_usage)
+        ok = False
+        try:
+            await start()
+            out = tap.feed(opened.first)
+            if out:
+                await send(out)
+            async for chunk in self.forwarder.rest(opened, r.deadline):
+                out = tap.feed(chunk)
+                if out:
+                    await send(out)
+            out = tap.flush()
+            if out:
+                await send(out)
+            if not tap.done:
+                raise UpstreamFailure("stream ended without [DONE]")
+            ok = True
+        except UpstreamFailure as exc:
+            STREAM_ERRORS.labels(opened.backend).inc()
+            r.outcome = "timeout" if isinstance(exc, TimedOut) else "upstream_error"
+            await send(error_event(f"the replica's stream broke after the first byte ({exc})", "stream_broken"))
+        except asyncio.CancelledError:
+            r.outcome = "cancelled"
+            ok = True  # the client left; the replica did nothing wrong
+            raise
+        finally:
+            await asyncio.shield(self.forwarder.close(opened, ok=ok))
+            self.finish(r, opened, tap.usage)
+
+    # --- feedback -----------------------------------------------------------------------
+    def finish(self, r: Routed, opened: Opened | None, usage: Mapping[str, Any] | None) -> None:
+        req, g, d = r.req, r.gathered, r.decision
+        backend = opened.backend if opened is not None else d.backend
+        now = time.monotonic()
+        REQUESTS.labels(backend, req.model, r.arm, r.outcome).inc()
+        REQUEST_SECONDS.labels(req.model, r.arm).observe(now - r.started)
+        if opened is not None:
+            TTFT_SECONDS.labels(req.model, r.arm).observe(opened.first_byte_at - r.started)
+        if opened is not None and opened.status == 200:
+            self._feedback(r, backend, usage)
+        self._log(r.request_id, req.model, g, d, r.arm, r.outcome, r.status or 0, r.started,
+                  backend=backend, cached=r.cached, attempts=opened.attempts if opened else 0)
+
+    def _feedback(self, r: Routed, backend: BackendId, usage: Mapping[str, Any] | None) -> None:
+        g, d, model, arm = r.gathered, r.decision, r.req.model, r.arm
+        bs = g.enc.block_size
+        predicted = self.predicted(r, backend)
+        cacheable = g.enc.cacheable_blocks * bs
+        PROMPT_TOKENS.labels(model, arm).inc(g.enc.prompt_tokens)
+        PREDICTED_TOKENS.labels(model, arm).inc(predicted)
+        LOST_SAVINGS.labels(model, arm, "workload").inc(max(0, cacheable - d.best_matched_tokens))
+        LOST_SAVINGS.labels(model, arm, "routing").inc(max(0, d.best_matched_tokens - predicted))
+        cached = cached_tokens(dict(usage)) if usage is not None else None
+        r.cached = cached
+        if cached is None:
+            return
+        CACHED_TOKENS.labels(model, arm).inc(cached)
+        # Estimates (approximate mode) and batches of prompts cannot be compared with the engine.
+        if g.enc.approximate or r.req.n_prompts != 1 or cached >= predicted:
+            return
+        LOST_SAVINGS.labels(model, arm, "index").inc(predicted - cached)
+        STALE_HITS.labels(backend).inc()
+        self._spawn(self._drop(backend, g.enc.keys[cached // bs:]), "index-stale-drop")
+
+    def _record(self, backend: BackendId, keys: list[BlockKey]) -> None:
+        if not keys:
+            return
+        b = self.fleet.get(backend)
+        ttl = self.config.index.speculative_ttl_s if b is not None and b.precise else self.config.index.ttl_s
+        self._spawn(self._index_call("record", self.index.record(backend, keys, ttl_s=ttl)), "index-record")
+
+    async def _drop(self, backend: BackendId, keys: list[BlockKey]) -> None:
+        await self._index_call("remove", self.index.remove(backend, keys))
+
+    @staticmethod
+    async def _index_call(op: str, call: Awaitable[None]) -> None:
+        try:
+            await call
+        except IndexUnavailable:
+            INDEX_ERRORS.labels(op).inc()
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for pending index writes (shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _log(self, rid: str, model: str, g: Gathered, d: Decision | None, arm: str, outcome: str,
+             status: int, started: float, *, backend: str | None = None, cached: int | None = None,
+             attempts: int = 0) -> None:
+        if not self.config.log_decisions or not log.isEnabledFor(logging.INFO):
+            return
+        line = {"id": rid, "model": model, "arm": arm, "prompt_tokens": g.enc.prompt_tokens,
+                "approximate": g.enc.approximate, "index": g.index_available,
+                "matched": d.matched_tokens if d else 0, "best": d.best_matched_tokens if d else 0,
+                "cached": cached, "backend": backend, "reason": d.reason if d else "none",
+                "attempts": attempts, "status": status, "outcome": outcome,
+                "latency_ms": round((time.monotonic() - started) * 1e3, 3)}
+        log.info(orjson.dumps(line).decode())
+

@@ -1,0 +1,145 @@
+"""Forward one request to the ranked replicas: retry before the first byte, then stream.
+
+A replica's answer is *committed* to the client once its first body chunk is in (for
+streams) or its whole body is in (non-streaming answers are small and arrive at once).
+Until then a connect error, a 5xx, a broken stream or a first-byte timeout moves on to
+the next replica in the decision's ranking, at most ``health.max_retries`` times. After
+commit nothing is retried: a half-streamed answer cannot be re-sent.
+
+``fleet.acquire`` / ``fleet.release`` bracket every attempt, so in-flight counts and the
+passive circuit breaker see each one. Upstream failures leave this package only as
+``router.errors.UpstreamError`` (502) or ``UpstreamTimeout`` (504).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from router.config import RouterConfig
+from router.errors import UpstreamError, UpstreamTimeout
+from router.metrics import RETRIES
+from router.proxy.client import StreamBroken, TimedOut, UpstreamClient, UpstreamFailure, UpstreamResponse
+from router.types import BackendId
+
+
+class _BadStatus(UpstreamFailure):
+    reason = "status"
+
+
+@dataclass(slots=True)
+class Opened:
+    """A committed upstream answer: its status, headers and first bytes; the rest to pull."""
+
+    backend: BackendId
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    first: bytes
+    response: UpstreamResponse | None
+    """Still open (a stream with more to come); None when the body is complete in ``first``."""
+    chunks: AsyncIterator[bytes] | None
+    attempts: int
+    first_byte_at: float
+    released: bool = False
+
+
+class Forwarder:
+    def __init__(self, client: UpstreamClient, fleet: Any, config: RouterConfig) -> None:
+        self.client = client
+        self.fleet = fleet
+        self.timeouts = config.timeouts
+        self.max_retries = config.health.max_retries
+
+    async def open(self, ranked: Sequence[BackendId], path: str, body: bytes, headers: Mapping[str, str],
+                   *, stream: bool, deadline: float) -> Opened:
+        """Try ``ranked`` in order until one answers; ``deadline`` is the monotonic end of the total timeout."""
+        last: UpstreamFailure | None = None
+        for attempt, backend in enumerate(ranked[: self.max_retries + 1]):
+            if last is not None:
+                RETRIES.labels(last.reason).inc()
+            if time.monotonic() >= deadline:
+                break
+            self.fleet.acquire(backend)
+            try:
+                opened = await self._attempt(backend, path, body, headers, stream, deadline)
+            except UpstreamFailure as exc:
+                self.fleet.release(backend, False)
+                last = exc
+                continue
+            except BaseException:
+                # Cancelled by the client or the server: not the replica's fault.
+                self.fleet.release(backend, True)
+                raise
+            opened.attempts = attempt + 1
+            if opened.response is None:
+                self.release(opened, ok=opened.status < 500)
+            return opened
+        if isinstance(last, TimedOut):
+            raise UpstreamTimeout(f"no replica answered within {self.timeouts.first_byte_s:g}s")
+        detail = f": {last}" if last is not None else ""
+        raise UpstreamError(f"every replica tried failed before answering{detail}")
+
+    async def _attempt(self, backend: BackendId, path: str, body: bytes, headers: Mapping[str, str],
+                       stream: bool, deadline: float) -> Opened:
+        budget = min(self.timeouts.first_byte_s, deadline - time.monotonic())
+        resp: UpstreamResponse | None = None
+        committed = False
+        try:
+            async with asyncio.timeout(budget):
+                resp = await self.client.open(backend + path, body, headers)
+                if resp.status >= 500:
+                    raise _BadStatus(f"{backend} answered {resp.status}")
+                chunks = resp.chunks()
+                if stream and resp.status == 200:
+                    first = await anext(chunks, b"")
+                    if first:
+                        committed = True
+                        return Opened(backend, resp.status, resp.headers, first, resp, chunks, 0,
+                                      time.monotonic())
+                whole = b"".join([c async for c in chunks])
+                return Opened(backend, resp.status, resp.headers, whole, None, None, 0, time.monotonic())
+        except TimeoutError:
+            raise TimedOut(f"{backend}: no first byte within {budget:.3g}s") from None
+        finally:
+            if resp is not None and not committed:
+                await resp.aclose()
+
+    async def rest(self, opened: Opened, deadline: float) -> AsyncIterator[bytes]:
+        """The chunks after the first, each within the idle timeout and all within the total."""
+        chunks = opened.chunks
+        if chunks is None:
+            return
+        loop = asyncio.get_running_loop()
+        idle = self.timeouts.idle_s
+        try:
+            async with asyncio.timeout(None) as cm:
+                while True:
+                    now = time.monotonic()
+                    if now >= deadline:
+                        raise TimedOut("total timeout")
+                    cm.reschedule(loop.time() + min(idle, deadline - now))
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        return
+                    cm.reschedule(None)  # the client's pace is not the upstream's idle time
+                    yield chunk
+        except TimeoutError:
+            raise TimedOut(f"no chunk from {opened.backend} within {idle:g}s") from None
+
+    async def close(self, opened: Opened, *, ok: bool) -> None:
+        if opened.response is not None:
+            response, opened.response = opened.response, None
+            await response.aclose()
+        self.release(opened, ok=ok)
+
+    def release(self, opened: Opened, *, ok: bool) -> None:
+        if not opened.released:
+            opened.released = True
+            self.fleet.release(opened.backend, ok)
+
+
+__all__ = ["Forwarder", "Opened", "StreamBroken", "TimedOut", "UpstreamFailure"]

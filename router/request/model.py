@@ -1,0 +1,35 @@
+"""The parsed request the router routes on: ``RoutingRequest``.
+
+Owns the shape only; ``router.request.parse`` builds it from raw bytes and
+``router.request.prompt`` turns it into token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Kind = Literal["completion", "chat"]
+
+
+@dataclass(slots=True)
+class RoutingRequest:
+    kind: Kind
+    model: str
+    """The requested model or LoRA adapter name; also the key namespace."""
+    body: dict[str, Any]
+    """The client's JSON body, forwarded upstream (the pipeline may add stream_options)."""
+    raw: bytes
+    """The client's bytes, forwarded unchanged when the body needs no edit."""
+    stream: bool = False
+    include_usage: bool = False
+    """The client asked for the usage chunk itself (stream_options.include_usage)."""
+    cache_salt: str | None = None
+    max_tokens: int | None = None
+    messages: list[dict[str, Any]] | None = None
+    prompt_text: str | None = None
+    prompt_ids: list[int] | None = None
+    n_prompts: int = 1
+    """Completions accept a batch of prompts; keys come from the first, feedback only when 1."""
+    chat_options: dict[str, Any] = field(default_factory=dict)
+    """add_generation_prompt, continue_final_message, tools, chat_template_kwargs."""

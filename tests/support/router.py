@@ -1,0 +1,181 @@
+"""Start cache-router in-process on a real uvicorn, and scripted upstreams for proxy tests.
+
+    with running_router(backends=[engine.url], tokenizer=str(SIM_MODEL)) as router:
+        httpx.post(router.url + "/v1/completions", json={...})
+
+``running_router`` builds a RouterConfig (keyword overrides, or a full config), serves
+``create_app(config)`` with lifespan on 127.0.0.1, and waits for ``/ready``.
+
+``ScriptedEngine`` is a real HTTP server (uvicorn, raw ASGI) that speaks just enough of
+vLLM's API for the fleet to find it healthy, and whose answers a test scripts: a slow
+first byte, a 5xx, a stream that dies midway, a stream that never ends (to watch a
+client's disconnect reach it). Use the simulated engines in ``loadtest.engine`` for
+anything about caching; use this for proxy behaviour the simulator does not script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+
+from router.app import create_app
+from router.config import RouterConfig
+from tests.support.servers import UvicornThread
+
+
+def router_config(backends: list[str], **overrides: Any) -> RouterConfig:
+    data: dict[str, Any] = {"backends": [{"url": u} for u in backends], "port": 0}
+    # Fast health rounds so tests see a replica come and go within a second.
+    data.setdefault("health", {"interval_s": 0.2, "timeout_s": 0.5, "failure_threshold": 1})
+    data.update(overrides)
+    return RouterConfig.model_validate(data)
+
+
+@contextlib.contextmanager
+def running_router(config: RouterConfig | None = None, *, backends: list[str] | None = None,
+                   wait_ready: bool = True, **overrides: Any) -> Iterator[UvicornThread]:
+    cfg = config if config is not None else router_config(backends or [], **overrides)
+    server = UvicornThread(create_app(cfg)).start()
+    try:
+        if wait_ready:
+            deadline = time.monotonic() + 10
+            while httpx.get(server.url + "/ready", timeout=2).status_code != 200:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("router never became ready")
+                time.sleep(0.05)
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Script:
+    """What the next answers do. ``mode``: ok | status | slow_first | die | endless."""
+
+    mode: str = "ok"
+    status: int = 500
+    first_byte_delay_s: float = 0.0
+    chunks: int = 5
+    chunk_interval_s: float = 0.0
+    cached_tokens: int = 0
+    prompt_tokens: int = 10
+
+
+@dataclass
+class ScriptedEngine:
+    model: str = "sim-model"
+    script: Script = field(default_factory=Script)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    disconnects: int = 0
+    finished: int = 0
+    server: UvicornThread | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return self.server.url
+
+    def start(self) -> ScriptedEngine:
+        self.server = UvicornThread(self._app, interface="asgi3").start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    async def _app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        path = scope["path"]
+        if scope["method"] == "GET":
+            if path == "/v1/models":
+                body = orjson.dumps({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+            elif path == "/metrics":
+                body = b"vllm:num_requests_waiting 0\n"
+            else:
+                body = b""
+            await _answer(send, 200, body)
+            return
+        raw = b""
+        while True:
+            msg = await receive()
+            raw += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        req = orjson.loads(raw)
+        self.requests.append(req)
+        await self._complete(req, scope, receive, send)
+
+    async def _complete(self, req: dict[str, Any], scope: dict[str, Any], receive: Any, send: Any) -> None:
+        s = self.script
+        if s.mode == "status":
+            await _answer(send, s.status, orjson.dumps({"error": {"message": "scripted failure"}}))
+            return
+        if s.first_byte_delay_s or s.mode == "slow_first":
+            await asyncio.sleep(s.first_byte_delay_s)
+        usage = {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.chunks,
+                 "total_tokens": s.prompt_tokens + s.chunks,
+                 "prompt_tokens_details": {"cached_tokens": s.cached_tokens}}
+        chat = scope["path"].endswith("chat/completions")
+        if not req.get("stream"):
+            choice = ({"index": 0, "message": {"role": "assistant", "content": "x" * s.chunks}} if chat
+                      else {"index": 0, "text": "x" * s.chunks})
+            await _answer(send, 200, orjson.dumps({"id": "r", "object": "x", "model": self.model,
+                                                   "choices": [choice], "usage": usage}))
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            n = 10_000 if s.mode == "endless" else s.chunks
+            for i in range(n):
+                if watcher.done():
+                    self.disconnects += 1
+                    return
+                delta = {"index": 0, "delta": {"content": f"t{i}"}} if chat else {"index": 0, "text": f"t{i}"}
+                chunk = {"id": "r", "object": "chunk", "model": self.model, "choices": [delta]}
+                await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n",
+                            "more_body": True})
+                if s.mode == "die" and i == 1:
+                    raise RuntimeError("scripted death mid-stream")
+                if s.chunk_interval_s:
+                    await asyncio.wait({watcher}, timeout=s.chunk_interval_s)
+            if (req.get("stream_options") or {}).get("include_usage"):
+                tail = {"id": "r", "object": "chunk", "model": self.model, "choices": [], "usage": usage}
+                await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(tail) + b"\n\n",
+                            "more_body": True})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            self.finished += 1
+        finally:
+            watcher.cancel()
+
+
+async def _wait_disconnect(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _answer(send: Any, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@contextlib.contextmanager
+def scripted_engines(n: int, **script: Any) -> Iterator[list[ScriptedEngine]]:
+    engines = [ScriptedEngine(script=Script(**script)).start() for _ in range(n)]
+    try:
+        yield engines
+    finally:
+        for e in engines:
+            e.stop()
