@@ -24,11 +24,12 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from router.config import BackendConfig, RouterConfig
-from router.fleet.backend import Backend
-from router.fleet.discovery import Discovery
-from router.types import BackendId
-from tests.support.servers import serving
+from router.config import RouterConfig
+from router.fleet.discovery import Discovery, pod_backend
+from router.fleet.registry import Fleet
+from router.index.memory import MemoryBlockIndex
+from router.types import BackendId, BlockKey
+from tests.support.servers import free_port, serving
 
 TOKEN = "test-sa-token"
 
@@ -91,36 +92,26 @@ class FakeKubeApi:
         return StreamingResponse(stream(), media_type="application/json")
 
 
-class RecordingFleet:
-    """Stand-in for the fleet's membership calls, recording them (the real Fleet is exercised elsewhere)."""
+class WatchedFleet:
+    """The real Fleet (started: its probes go to the 127.0.0.x pod IPs, where nothing listens), with the
+    app's wiring of ``on_removed`` to the index, so a removal visibly clears the replica's entries."""
 
-    def __init__(self) -> None:
-        self.members: dict[BackendId, Backend] = {}
-        self.calls: list[tuple[str, str]] = []
-        self.configs: dict[BackendId, BackendConfig] = {}
+    def __init__(self, config: RouterConfig) -> None:
+        self.fleet = Fleet(config)
+        self.index = MemoryBlockIndex()
+        self.removed: list[str] = []
+        self.fleet.on_removed(self._removed)
 
-    def add(self, cfg: BackendConfig) -> Backend:
-        bid = BackendId(cfg.url)
-        assert bid not in self.members, f"{bid} added twice"
-        self.members[bid] = Backend(id=bid, url=cfg.url)
-        self.configs[bid] = cfg
-        self.calls.append(("add", bid))
-        return self.members[bid]
-
-    async def remove(self, backend_id: BackendId) -> None:
-        self.members.pop(backend_id, None)
-        self.calls.append(("remove", backend_id))
-
-    def set_draining(self, backend_id: BackendId, draining: bool) -> None:
-        if backend_id in self.members:
-            self.members[backend_id].draining = draining
-        self.calls.append(("drain" if draining else "undrain", backend_id))
-
-    def get(self, backend_id: BackendId) -> Backend | None:
-        return self.members.get(backend_id)
+    async def _removed(self, backend_id: BackendId) -> None:
+        self.removed.append(backend_id)
+        await self.index.clear(backend_id)
 
     def routed(self) -> set[str]:
-        return {b for b, m in self.members.items() if not m.draining}
+        return {b.id for b in self.fleet.backends() if not b.draining}
+
+    def draining(self, bid: str) -> bool:
+        b = self.fleet.get(BackendId(bid))
+        return b is not None and b.draining
 
 
 async def until(cond: Callable[[], bool], what: str, within_s: float = 5.0) -> None:
@@ -147,25 +138,44 @@ def sa_dir(tmp_path: Path) -> Path:
 
 
 def kube_config(api_url: str, drain_timeout_s: float = 5.0) -> RouterConfig:
+    # Pod IPs in these tests are 127.0.0.x: the real Fleet's probes stay on loopback (refused: no engine).
     return RouterConfig.model_validate({"discovery": {
-        "kind": "kubernetes", "label_selector": "app=engine", "port": 8000, "api_server": api_url,
+        "kind": "kubernetes", "label_selector": "app=engine", "port": PORT, "api_server": api_url,
         "kv_events_port": 5557, "kv_replay_port": 5558, "drain_timeout_s": drain_timeout_s}})
 
 
-async def test_kubernetes_list_then_watch_routes_only_ready_pods(kube_api: tuple[FakeKubeApi, str],
-                                                                   sa_dir: Path) -> None:
+PORT = free_port()
+A, B, C, D = (f"http://127.0.0.{i}:{PORT}" for i in (11, 12, 13, 14))
+
+
+@pytest.fixture
+async def watched() -> AsyncIterator[Callable[[RouterConfig], WatchedFleet]]:
+    fleets: list[WatchedFleet] = []
+
+    def make(config: RouterConfig) -> WatchedFleet:
+        fleets.append(WatchedFleet(config))
+        return fleets[-1]
+
+    yield make
+    for w in fleets:
+        await w.fleet.stop()
+
+
+async def test_kubernetes_list_then_watch_routes_only_ready_pods(
+        kube_api: tuple[FakeKubeApi, str], sa_dir: Path, watched: Callable[[RouterConfig], WatchedFleet]) -> None:
     api, url = kube_api
-    api.set_pod(pod("a", "10.0.0.1", ready=True), event=None)
-    api.set_pod(pod("b", "10.0.0.2", ready=False), event=None)
+    api.set_pod(pod("a", "127.0.0.11", ready=True), event=None)
+    api.set_pod(pod("b", "127.0.0.12", ready=False), event=None)
     api.set_pod(pod("c", None, ready=False, phase="Pending"), event=None)
-    fleet = RecordingFleet()
-    disc = Discovery(kube_config(url), fleet, service_account_dir=sa_dir)
+    config = kube_config(url)
+    w = watched(config)
+    await w.fleet.start()
+    disc = Discovery(config, w.fleet, service_account_dir=sa_dir)
     await disc.start()
     try:
         await asyncio.wait_for(disc.synced.wait(), 5)
-        assert fleet.routed() == {"http://10.0.0.1:8000"}
-        cfg = fleet.configs[BackendId("http://10.0.0.1:8000")]
-        assert (cfg.kv_events, cfg.kv_replay) == ("tcp://10.0.0.1:5557", "tcp://10.0.0.1:5558")
+        assert w.routed() == {A}
+        assert disc.active == {A}
         # The list used the selector, the pod's namespace and its service-account token.
         path, query, auth = api.requests[0]
         assert path == "/api/v1/namespaces/inference/pods"
@@ -173,109 +183,132 @@ async def test_kubernetes_list_then_watch_routes_only_ready_pods(kube_api: tuple
         await until(lambda: any(q.get("watch") == "true" for _, q, _ in api.requests), "a watch request")
         assert next(q for _, q, _ in api.requests if q.get("watch"))["resourceVersion"] == str(api.version)
 
-        api.set_pod(pod("b", "10.0.0.2", ready=True))  # b turns Ready
-        await until(lambda: fleet.routed() == {"http://10.0.0.1:8000", "http://10.0.0.2:8000"}, "b added")
+        api.set_pod(pod("b", "127.0.0.12", ready=True))  # b turns Ready
+        await until(lambda: w.routed() == {A, B}, "b added")
+        api.set_pod(pod("c", "127.0.0.13", ready=True))  # c scheduled, running, Ready
+        await until(lambda: w.routed() == {A, B, C}, "c added")
 
-        api.set_pod(pod("c", "10.0.0.3", ready=True))  # c scheduled, running, Ready
-        await until(lambda: "http://10.0.0.3:8000" in fleet.routed(), "c added")
-
-        # a turns unready with a request in flight: drained at once, removed only when it finishes.
-        fleet.members[BackendId("http://10.0.0.1:8000")].in_flight = 1
-        api.set_pod(pod("a", "10.0.0.1", ready=False))
-        await until(lambda: ("drain", "http://10.0.0.1:8000") in fleet.calls, "a draining")
-        assert "http://10.0.0.1:8000" not in fleet.routed()
+        # a holds index entries and a request in flight when it turns unready: drained at once
+        # (no new requests), removed (and its entries cleared) only once the request finishes.
+        await w.index.record(BackendId(A), [BlockKey(1), BlockKey(2)], ttl_s=None)
+        w.fleet.acquire(BackendId(A))
+        api.set_pod(pod("a", "127.0.0.11", ready=False))
+        await until(lambda: w.draining(A), "a draining")
+        assert A not in w.routed()
         await asyncio.sleep(0.3)
-        assert ("remove", "http://10.0.0.1:8000") not in fleet.calls, "removed with a request in flight"
-        fleet.members[BackendId("http://10.0.0.1:8000")].in_flight = 0
-        await until(lambda: ("remove", "http://10.0.0.1:8000") in fleet.calls, "a removed after draining")
+        assert A not in w.removed, "removed with a request in flight"
+        assert (await w.index.sizes()).get(BackendId(A)) == 2
+        w.fleet.release(BackendId(A), ok=True)
+        await until(lambda: A in w.removed, "a removed after draining")
+        assert w.fleet.get(BackendId(A)) is None
+        assert BackendId(A) not in await w.index.sizes()
 
         # c is being deleted (terminating), then gone: drained and removed once.
-        api.set_pod(pod("c", "10.0.0.3", ready=True, deleting=True))
-        await until(lambda: ("remove", "http://10.0.0.3:8000") in fleet.calls, "terminating c removed")
+        api.set_pod(pod("c", "127.0.0.13", ready=True, deleting=True))
+        await until(lambda: C in w.removed, "terminating c removed")
         api.delete_pod("c")
         api.delete_pod("b")
-        await until(lambda: "http://10.0.0.2:8000" not in fleet.members, "deleted b removed")
-        assert fleet.calls.count(("remove", "http://10.0.0.3:8000")) == 1
-        assert fleet.routed() == set()
+        await until(lambda: B in w.removed, "deleted b removed")
+        assert w.removed.count(C) == 1
+        assert w.fleet.backends() == []
     finally:
         await disc.stop()
 
 
-async def test_unready_then_ready_again_cancels_the_drain(kube_api: tuple[FakeKubeApi, str],
-                                                          sa_dir: Path) -> None:
+async def test_unready_then_ready_again_cancels_the_drain(
+        kube_api: tuple[FakeKubeApi, str], sa_dir: Path, watched: Callable[[RouterConfig], WatchedFleet]) -> None:
     api, url = kube_api
-    api.set_pod(pod("a", "10.0.0.1", ready=True), event=None)
-    fleet = RecordingFleet()
-    disc = Discovery(kube_config(url, drain_timeout_s=30), fleet, service_account_dir=sa_dir)
+    api.set_pod(pod("a", "127.0.0.11", ready=True), event=None)
+    config = kube_config(url, drain_timeout_s=30)
+    w = watched(config)
+    disc = Discovery(config, w.fleet, service_account_dir=sa_dir)
     await disc.start()
     try:
         await asyncio.wait_for(disc.synced.wait(), 5)
-        bid = BackendId("http://10.0.0.1:8000")
-        fleet.members[bid].in_flight = 2  # a long stream keeps the drain waiting
-        api.set_pod(pod("a", "10.0.0.1", ready=False))
-        await until(lambda: fleet.members[bid].draining, "a draining")
-        api.set_pod(pod("a", "10.0.0.1", ready=True))
-        await until(lambda: not fleet.members[bid].draining, "a undrained")
-        assert ("remove", bid) not in fleet.calls and fleet.calls.count(("add", bid)) == 1
+        backend = w.fleet.get(BackendId(A))
+        w.fleet.acquire(BackendId(A))  # a long stream keeps the drain waiting
+        api.set_pod(pod("a", "127.0.0.11", ready=False))
+        await until(lambda: w.draining(A), "a draining")
+        api.set_pod(pod("a", "127.0.0.11", ready=True))
+        await until(lambda: not w.draining(A), "a undrained")
+        assert w.removed == [] and w.fleet.get(BackendId(A)) is backend
     finally:
         await disc.stop()
 
 
-async def test_expired_watch_relists_and_reconciles(kube_api: tuple[FakeKubeApi, str], sa_dir: Path) -> None:
+async def test_expired_watch_relists_and_reconciles(
+        kube_api: tuple[FakeKubeApi, str], sa_dir: Path, watched: Callable[[RouterConfig], WatchedFleet]) -> None:
     api, url = kube_api
-    api.set_pod(pod("a", "10.0.0.1", ready=True), event=None)
-    api.set_pod(pod("b", "10.0.0.2", ready=True), event=None)
-    fleet = RecordingFleet()
-    disc = Discovery(kube_config(url), fleet, service_account_dir=sa_dir)
+    api.set_pod(pod("a", "127.0.0.11", ready=True), event=None)
+    api.set_pod(pod("b", "127.0.0.12", ready=True), event=None)
+    config = kube_config(url)
+    w = watched(config)
+    disc = Discovery(config, w.fleet, service_account_dir=sa_dir)
     await disc.start()
     try:
         await asyncio.wait_for(disc.synced.wait(), 5)
+        backend_a = w.fleet.get(BackendId(A))
         await until(lambda: any(q.get("watch") for _, q, _ in api.requests), "watching")
         # While the watch is down, b goes away and d arrives (changes the watch never carried).
         api.pods.pop("b")
-        api.set_pod(pod("d", "10.0.0.4", ready=True), event=None)
+        api.set_pod(pod("d", "127.0.0.14", ready=True), event=None)
         api.events.put({"type": "ERROR", "object": {"kind": "Status", "code": 410, "message": "too old"}})
-        await until(lambda: fleet.routed() == {"http://10.0.0.1:8000", "http://10.0.0.4:8000"}, "relisted")
-        lists = [q for _, q, _ in api.requests if not q.get("watch")]
-        assert len(lists) >= 2
-        assert fleet.calls.count(("add", "http://10.0.0.1:8000")) == 1  # a kept, not re-added
+        await until(lambda: w.routed() == {A, D} and B in w.removed, "relisted")
+        assert len([q for _, q, _ in api.requests if not q.get("watch")]) >= 2
+        assert w.fleet.get(BackendId(A)) is backend_a  # a kept, not removed and re-added
     finally:
         await disc.stop()
 
 
-async def test_api_down_keeps_the_last_known_replicas(sa_dir: Path) -> None:
+async def test_api_down_keeps_the_last_known_replicas(
+        sa_dir: Path, watched: Callable[[RouterConfig], WatchedFleet]) -> None:
     api = FakeKubeApi()
-    api.set_pod(pod("a", "10.0.0.1", ready=True), event=None)
-    fleet = RecordingFleet()
+    api.set_pod(pod("a", "127.0.0.11", ready=True), event=None)
     server_cm = serving(api.app)
     server = server_cm.__enter__()
-    disc = Discovery(kube_config(server.url), fleet, service_account_dir=sa_dir)
+    config = kube_config(server.url)
+    w = watched(config)
+    disc = Discovery(config, w.fleet, service_account_dir=sa_dir)
     await disc.start()
     try:
         await asyncio.wait_for(disc.synced.wait(), 5)
         api.events.put(None)
         server_cm.__exit__(None, None, None)  # the API server goes away
         await asyncio.sleep(1.0)
-        assert fleet.routed() == {"http://10.0.0.1:8000"}
-        assert not any(c[0] in ("drain", "remove") for c in fleet.calls)
+        assert w.routed() == {A} and w.removed == []
     finally:
         await disc.stop()
 
 
-async def test_dns_discovery_resolves_the_service_name() -> None:
+async def test_dns_discovery_resolves_the_service_name(watched: Callable[[RouterConfig], WatchedFleet]) -> None:
     # "localhost" resolves from /etc/hosts: no network needed.
-    cfg = RouterConfig.model_validate({"discovery": {"kind": "dns", "dns_name": "localhost", "port": 8123,
-                                                     "interval_s": 0.1}})
-    fleet = RecordingFleet()
-    disc = Discovery(cfg, fleet)
+    config = RouterConfig.model_validate({"discovery": {"kind": "dns", "dns_name": "localhost", "port": PORT,
+                                                        "interval_s": 0.1, "kv_events_port": 5557}})
+    w = watched(config)
+    disc = Discovery(config, w.fleet)
     await disc.start()
     try:
         await asyncio.wait_for(disc.synced.wait(), 5)
-        assert "http://127.0.0.1:8123" in fleet.routed()
+        url = f"http://127.0.0.1:{PORT}"
+        assert url in w.routed()
+        backend = w.fleet.get(BackendId(url))
         await asyncio.sleep(0.3)  # re-resolving the same records changes nothing
-        assert fleet.calls.count(("add", "http://127.0.0.1:8123")) == 1
+        assert w.fleet.get(BackendId(url)) is backend and w.removed == []
     finally:
         await disc.stop()
+
+
+def test_pod_endpoints_derive_from_the_pod_ip() -> None:
+    cfg = kube_config("http://127.0.0.1:1").discovery
+    bcfg = pod_backend(pod("a", "10.1.2.3", ready=True), cfg)
+    assert bcfg is not None
+    assert (bcfg.url, bcfg.kv_events, bcfg.kv_replay) == (
+        f"http://10.1.2.3:{PORT}", "tcp://10.1.2.3:5557", "tcp://10.1.2.3:5558")
+    v6 = pod_backend(pod("b", "fd00::7", ready=True), cfg)
+    assert v6 is not None and v6.url == f"http://[fd00::7]:{PORT}"
+    assert pod_backend(pod("c", "10.1.2.4", ready=False), cfg) is None
+    assert pod_backend(pod("d", "10.1.2.5", ready=True, deleting=True), cfg) is None
+    assert pod_backend(pod("e", "10.1.2.6", ready=True, phase="Succeeded"), cfg) is None
 
 
 def test_discovery_config_requires_its_fields() -> None:
