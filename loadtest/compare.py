@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
-from rich.console import Console
 
 from loadtest.runner.cli import (
     add_run_args,
@@ -104,11 +103,10 @@ def main(argv: list[str]) -> int:
                              direct_round_robin=args.direct_round_robin, reset=not args.no_reset, out_dir=args.out)
 
     results = asyncio.run(go())
-    console = Console()
-    from loadtest.report import rich_table
+    from loadtest.report import print_table
 
-    console.print(rich_table(results))
-    console.print(f"wrote {args.out}/compare.json, compare.md and compare-*.png")
+    print_table(results)
+    print(f"wrote {args.out}/compare.json, compare.md and compare-*.png")
     return 0 if all(r.summary["ok"] for r in results) else 1
 
 

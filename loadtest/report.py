@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import orjson
+from rich.console import Console
 from rich.table import Table
 
 from loadtest.runner.run import RunResult
@@ -46,6 +47,14 @@ def row(result: RunResult) -> list[str]:
             _ms(s["ttft_s"]["p50"]), _ms(s["ttft_s"]["p99"]), _ms(s["itl_s"]["p50"]), _ms(s["e2e_s"]["p99"]),
             _num(s["throughput_rps"], "{:.1f}"), _num(s["output_tokens_per_s"], "{:.0f}"),
             _num(s["load_balance"]), _num(s["busy_balance"])]
+
+
+def print_table(results: Sequence[RunResult]) -> None:
+    """The table on stdout, wide enough to stay readable when piped to a file."""
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=220)
+    console.print(rich_table(results))
 
 
 def rich_table(results: Sequence[RunResult]) -> Table:
@@ -91,8 +100,8 @@ def markdown(results: Sequence[RunResult], images: Sequence[Path], title: str | 
             f"concurrency {opts['concurrency'] or 8}" if first.arrival == "closed" else "trace timestamps")
     out = [f"# {title or 'Load test'}: {first.workload}, seed {first.seed}", "",
            f"- Started {first.started_at}; api `{opts['api']}`, {'streaming' if opts['stream'] else 'non-streaming'}; "
-           f"arrivals: {mode}; limits: {opts['max_requests'] or 'all'} requests, "
-           f"{opts['duration_s'] or 'no'} s duration.",
+           f"arrivals: {mode}; limits: {opts['max_requests'] or 'all'} requests"
+           + (f", {opts['duration_s']} s." if opts["duration_s"] else ", no duration limit."),
            f"- Workload: {params}.",
            f"- Ceiling: one unlimited prefix cache on the same requests, block size {first.block_size}, "
            "last prompt token always recomputed.", "",
@@ -151,7 +160,8 @@ def plot_hit_rate(results: Sequence[RunResult], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     names = [r.name for r in results]
     hits = [100 * (r.summary["hit_rate_usage"] or 0.0) for r in results]
-    ax.bar(names, hits, color="tab:blue", label="hit rate (usage)")
+    bars = ax.bar(names, hits, color="tab:blue", label="hit rate (usage)")
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ceilings = [r.summary["ceiling"] for r in results if r.summary["ceiling"] is not None]
     if ceilings:
         ax.axhline(100 * max(ceilings), color="tab:red", linestyle="--", label="ceiling")

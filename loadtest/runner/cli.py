@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from rich.console import Console
 
 from loadtest.runner.engines import discover_engines, fleet_capacity_tokens
 from loadtest.runner.run import RunOptions, RunResult, run_workload
@@ -118,13 +117,12 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not args.target and not (args.direct_round_robin and args.engines):
         parser.error("give --target URL, or --direct-round-robin with --engines URL...")
-    from loadtest.report import rich_table, write_report
+    from loadtest.report import print_table, write_report
 
     result = asyncio.run(_main(args))
     paths = write_report([result], args.out, records=not args.no_records)
-    console = Console()
-    console.print(rich_table([result]))
-    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print_table([result])
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0 if result.summary["ok"] else 1
 
 

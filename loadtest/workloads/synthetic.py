@@ -86,6 +86,15 @@ def churn(seed: int, p: TextParams, words: WordSource) -> list[Conversation]:
             for i in range(p.requests)]
 
 
+_COMMON = ("requests", "system_tokens", "question_tokens", "output_tokens")
+RELEVANT = {  # the parameters each generator reads, so reports show only those
+    "shared_prefix": (*_COMMON, "groups"),
+    "multi_turn": (*_COMMON, "turns"),
+    "hot_prefix": (*_COMMON, "hot_fraction"),
+    "zero_reuse": _COMMON,
+    "churn": (*_COMMON, "capacity_tokens", "churn_factor"),
+}
+
 GENERATORS = {
     "shared_prefix": shared_prefix,
     "multi_turn": multi_turn,
@@ -98,7 +107,7 @@ GENERATORS = {
 def build_text(name: str, seed: int, params: TextParams, words: WordSource | None = None) -> Workload:
     source = words or WordSource(seed)
     conversations = GENERATORS[name](seed, params, source)
-    info: dict[str, Any] = asdict(params)
+    info: dict[str, Any] = {k: v for k, v in asdict(params).items() if k in RELEVANT[name]}
     if name == "churn":
         used = {c.system for c in conversations}
         info["distinct_prefixes"] = len(used)

@@ -1,0 +1,142 @@
+"""The load generator against real simulated engines (``python -m loadtest engine``) on loopback.
+
+The fleet runs in zero-delay mode and most runs use one request at a time, so every
+figure is exact and can be derived independently: round robin over 4 engines hits what
+4 separate unlimited caches, each fed every 4th request, would hit; one engine whose cache
+holds the working set hits the ceiling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loadtest.compare import DIRECT, compare, reset_fleet
+from loadtest.runner import cli
+from loadtest.runner.ceiling import SentPrompt, ceiling
+from loadtest.runner.run import RunOptions, run_workload
+from loadtest.workloads import History, build_workload
+from loadtest.workloads.text import load_tokenizer
+from tests.support.servers import env_without_proxies
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def engines() -> Iterator[list[str]]:
+    proc = subprocess.Popen([sys.executable, "-m", "loadtest", "engine", "--port", "0", "--engines", "4",
+                             "--cache-blocks", "512", "--block-size", "16", "--zero"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env_without_proxies())
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the ready line, printed once every engine answers
+        ready = json.loads(line)
+        assert ready["ready"] is True
+        yield [e["url"] for e in ready["engines"]]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _prompt_ids(workload_name: str, seed: int, **params: object) -> list[list[int]]:
+    tok = load_tokenizer()
+    out = []
+    for conv in build_workload(workload_name, seed, **params).conversations:
+        _, body = History(conv).body(0, "completions", "sim-model")
+        out.append(tok.encode_completion(body["prompt"]))
+    return out
+
+
+def test_run_cli_direct_round_robin_matches_the_hand_derived_figure(engines: list[str], tmp_path: Path) -> None:
+    asyncio.run(reset_fleet(engines))
+    params = {"requests": 48, "groups": 4, "system_tokens": 256, "question_tokens": 32, "output_tokens": 8}
+    out = tmp_path / "rr.json"
+    argv = ["--direct-round-robin", "--engines", *engines, "--workload", "shared_prefix", "--seed", "5",
+            "--requests", "48", "--groups", "4", "--system-tokens", "256", "--question-tokens", "32",
+            "--output-tokens", "8", "--concurrency", "1", "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 0
+    data = json.loads(out.read_text())
+    s = data["summary"]
+    assert s["ok"] == s["requests"] == 48 and s["errors"] == {}
+    assert s["token_count_mismatches"] == 0           # our tokenizer counts what the engines count
+    assert s["hit_rate_usage"] == s["hit_rate_counters"]
+    assert s["load_balance"] == 1.0 and s["engine_requests_source"] == "direct target"
+    # Request i went to engine i % 4. Each engine's cache holds everything it saw (8192 tokens each),
+    # so the fleet hits exactly what 4 unlimited caches fed every 4th prompt would hit.
+    ids = _prompt_ids("shared_prefix", 5, **params)
+    per_engine = [ceiling([SentPrompt(p) for p in ids[e::4]], 16) for e in range(4)]
+    expected = sum(c.hit_tokens for c in per_engine) / sum(c.prompt_tokens for c in per_engine)
+    assert s["hit_rate_usage"] == pytest.approx(expected, abs=1e-9)
+    assert s["ceiling"] == pytest.approx(ceiling([SentPrompt(p) for p in ids], 16).rate)
+    assert s["hit_rate_usage"] < s["ceiling"]         # 4 cold misses per group instead of 1
+    md = out.with_suffix(".md").read_text()
+    assert "| direct-round-robin | 48/48 | 0 |" in md
+    for suffix in ("ttft", "engines", "hit-rate"):
+        assert (tmp_path / f"rr-{suffix}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+async def test_compare_starts_every_arm_cold_and_one_engine_reaches_the_ceiling(
+        engines: list[str], tmp_path: Path) -> None:
+    workload = build_workload("shared_prefix", 9, requests=40, groups=5, system_tokens=192, question_tokens=24,
+                              output_tokens=8)
+    opts = RunOptions(concurrency=1, progress=False)
+    results = await compare(workload, {"one-a": engines[0], "one-b": engines[0]}, engines, opts,
+                            direct_round_robin=True, out_dir=tmp_path)
+    rr, a, b = results
+    assert [r.name for r in results] == [DIRECT, "one-a", "one-b"]
+    # Without the reset between arms, b would find a's blocks and beat it.
+    assert a.summary["hit_rate_usage"] == b.summary["hit_rate_usage"]
+    assert a.summary["hit_rate_usage"] == pytest.approx(a.summary["ceiling"], abs=1e-9)
+    assert rr.summary["hit_rate_usage"] < a.summary["hit_rate_usage"]
+    assert a.summary["engine_requests"][engines[0]] == 40 and a.summary["load_balance"] == 4.0
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert [arm["name"] for arm in saved["arms"]] == [DIRECT, "one-a", "one-b"]
+    assert (tmp_path / "compare-hit-rate.png").exists() and "one-b" in (tmp_path / "compare.md").read_text()
+
+
+async def test_multi_turn_chat_on_one_engine_reaches_its_ceiling(engines: list[str]) -> None:
+    await reset_fleet(engines)
+    workload = build_workload("multi_turn", 3, requests=24, turns=4, system_tokens=128, question_tokens=24,
+                              output_tokens=24)
+    result = await run_workload(workload, engines[1], RunOptions(api="chat", concurrency=3, progress=False,
+                                                                 engines=[engines[1]]))
+    s = result.summary
+    assert s["ok"] == 24 and s["token_count_mismatches"] == 0
+    # Later turns repeat the whole history, including the replies the engine generated.
+    assert s["hit_rate_usage"] > 0.5
+    assert s["hit_rate_usage"] <= s["ceiling"] + 1e-9
+    assert s["hit_rate_usage"] >= 0.95 * s["ceiling"]
+    assert all(len(r.itl_s) >= 1 for r in result.records)
+
+
+async def test_mooncake_replay_on_the_trace_clock(engines: list[str]) -> None:
+    await reset_fleet(engines)
+    workload = build_workload("mooncake", 1, requests=30, block_tokens=16, time_scale=0.02, max_output_tokens=4)
+    result = await run_workload(workload, engines[2], RunOptions(progress=False, engines=[engines[2]]))
+    s = result.summary
+    assert result.arrival == "trace" and s["ok"] == 30 and s["token_count_mismatches"] == 0
+    # One engine with room for these 30 prompts: the trace's shared hash_ids are hits, up to the ceiling
+    # (requests with the same timestamp overlap, so one may miss what its twin is still computing).
+    assert 0.8 * s["ceiling"] <= s["hit_rate_usage"] <= s["ceiling"] + 1e-9
+    assert s["hit_rate_usage"] > 0
+    starts = [r.start_s for r in result.records]
+    last = workload.conversations[-1].arrival_s or 0.0
+    assert max(starts) >= last * 0.9  # sent on the (scaled) trace clock, not all at once
+
+
+async def test_poisson_run_stops_at_the_duration(engines: list[str]) -> None:
+    workload = build_workload("zero_reuse", 2, requests=400, system_tokens=32, question_tokens=8, output_tokens=2)
+    result = await run_workload(workload, engines, RunOptions(rate=100.0, duration_s=0.6, progress=False))
+    s = result.summary
+    assert 20 < s["requests"] < 200
+    assert max(r.start_s for r in result.records) <= 0.6
+    assert s["hit_rate_usage"] == 0.0 and s["ceiling"] == 0.0
