@@ -37,7 +37,19 @@ def ceiling_per_request(prompts: list[list[int]]) -> list[int]:
 def test_direct_to_one_big_engine_reaches_the_ceiling(sim_model_dir: Path) -> None:
     tok = ModelTokenizer.from_dir(sim_model_dir)
     rng = random.Random(7)
-    words = "cache route block prefix engine token queue batch replica model latency".split()
+    words = [
+        "cache",
+        "route",
+        "block",
+        "prefix",
+        "engine",
+        "token",
+        "queue",
+        "batch",
+        "replica",
+        "model",
+        "latency",
+    ]
     systems = [" ".join(rng.choices(words, k=rng.randint(20, 120))) for _ in range(5)]
     conversations = []
     for _ in range(60):
