@@ -30,8 +30,10 @@ from router.config import RouterConfig
 from tests.support.servers import UvicornThread
 
 
-def router_config(backends: list[str], **overrides: Any) -> RouterConfig:
-    data: dict[str, Any] = {"backends": [{"url": u} for u in backends], "port": 0}
+def router_config(backends: list[str] | list[dict[str, Any]], **overrides: Any) -> RouterConfig:
+    """A config for tests: backends as URLs or BackendConfig dicts, plus any top-level keys."""
+    entries = [b if isinstance(b, dict) else {"url": b} for b in backends]
+    data: dict[str, Any] = {"backends": entries, "port": 0}
     # Fast health rounds so tests see a replica come and go within a second.
     data.setdefault("health", {"interval_s": 0.2, "timeout_s": 0.5, "failure_threshold": 1})
     data.update(overrides)
@@ -39,7 +41,8 @@ def router_config(backends: list[str], **overrides: Any) -> RouterConfig:
 
 
 @contextlib.contextmanager
-def running_router(config: RouterConfig | None = None, *, backends: list[str] | None = None,
+def running_router(config: RouterConfig | None = None, *,
+                   backends: list[str] | list[dict[str, Any]] | None = None,
                    wait_ready: bool = True, **overrides: Any) -> Iterator[UvicornThread]:
     cfg = config if config is not None else router_config(backends or [], **overrides)
     server = UvicornThread(create_app(cfg)).start()
@@ -121,8 +124,20 @@ class ScriptedEngine:
         if s.mode == "status":
             await _answer(send, s.status, orjson.dumps({"error": {"message": "scripted failure"}}))
             return
-        if s.first_byte_delay_s or s.mode == "slow_first":
-            await asyncio.sleep(s.first_byte_delay_s)
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await self._answer(req, scope, send, watcher)
+        finally:
+            watcher.cancel()
+
+    async def _answer(self, req: dict[str, Any], scope: dict[str, Any], send: Any,
+                      watcher: asyncio.Future[None]) -> None:
+        s = self.script
+        if s.first_byte_delay_s:
+            await asyncio.wait({watcher}, timeout=s.first_byte_delay_s)
+            if watcher.done():
+                self.disconnects += 1
+                return
         usage = {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.chunks,
                  "total_tokens": s.prompt_tokens + s.chunks,
                  "prompt_tokens_details": {"cached_tokens": s.cached_tokens}}
@@ -135,29 +150,25 @@ class ScriptedEngine:
             return
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
-        try:
-            n = 10_000 if s.mode == "endless" else s.chunks
-            for i in range(n):
-                if watcher.done():
-                    self.disconnects += 1
-                    return
-                delta = {"index": 0, "delta": {"content": f"t{i}"}} if chat else {"index": 0, "text": f"t{i}"}
-                chunk = {"id": "r", "object": "chunk", "model": self.model, "choices": [delta]}
-                await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n",
-                            "more_body": True})
-                if s.mode == "die" and i == 1:
-                    raise RuntimeError("scripted death mid-stream")
-                if s.chunk_interval_s:
-                    await asyncio.wait({watcher}, timeout=s.chunk_interval_s)
-            if (req.get("stream_options") or {}).get("include_usage"):
-                tail = {"id": "r", "object": "chunk", "model": self.model, "choices": [], "usage": usage}
-                await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(tail) + b"\n\n",
-                            "more_body": True})
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
-            self.finished += 1
-        finally:
-            watcher.cancel()
+        n = 10_000 if s.mode == "endless" else s.chunks
+        for i in range(n):
+            if watcher.done():
+                self.disconnects += 1
+                return
+            delta = {"index": 0, "delta": {"content": f"t{i}"}} if chat else {"index": 0, "text": f"t{i}"}
+            chunk = {"id": "r", "object": "chunk", "model": self.model, "choices": [delta]}
+            await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n",
+                        "more_body": True})
+            if s.mode == "die" and i == 1:
+                raise RuntimeError("scripted death mid-stream")
+            if s.chunk_interval_s:
+                await asyncio.wait({watcher}, timeout=s.chunk_interval_s)
+        if (req.get("stream_options") or {}).get("include_usage"):
+            tail = {"id": "r", "object": "chunk", "model": self.model, "choices": [], "usage": usage}
+            await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(tail) + b"\n\n",
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        self.finished += 1
 
 
 async def _wait_disconnect(receive: Any) -> None:
@@ -179,3 +190,16 @@ def scripted_engines(n: int, **script: Any) -> Iterator[list[ScriptedEngine]]:
     finally:
         for e in engines:
             e.stop()
+
+
+def metric(router_url: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples on the router's /metrics whose labels include ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(router_url + "/metrics", timeout=5).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
