@@ -1,22 +1,19 @@
-"""The fleet: every replica's health, load, models and circuit, kept current, snapshotted per request.
+"""The fleet: every replica's health, load, models and circuit, snapshotted per request.
 
-``Fleet`` owns the replica table and three named background tasks, started and stopped
-by the app's lifespan with an HTTP client of their own:
+``Fleet`` owns the replica table: membership (``add``/``remove``/``set_draining``, called by
+config and ``router.fleet.discovery``), the per-request snapshot (``candidates``), in-flight
+counts and the passive circuit breaker (``acquire``/``release``), and the callbacks that
+tell other parts a replica left, restarted (cache emptied) or has a known capacity. What
+the replicas answer over HTTP is fetched by ``router.fleet.monitor`` (started and stopped
+by ``start``/``stop``) and applied here (``apply_*``), so every rule about what a probe or
+a scrape means sits in this one module.
 
-- ``fleet-prober``: ``GET /health`` on every replica each ``health.interval_s``;
-- ``fleet-scraper``: ``GET /metrics`` on healthy replicas each ``scheduling.metrics_interval_s``
-  (engine queue, KV usage, cache geometry, restart detection);
-- ``fleet-models``: ``GET /v1/models`` when a replica turns healthy or restarts, and
-  every ``MODELS_REFRESH_S`` (replicas whose models are configured are never asked).
+Replicas start unhealthy; ``probe_all()`` runs one round of everything so the app can be
+ready before it accepts traffic.
 
-Every request goes out concurrently with its own timeout, so one stuck replica delays
-nobody. Replicas start unhealthy; ``probe_all()`` runs one round of everything so the
-app can be ready before it accepts traffic.
-
-It refuses to own: who the replicas are (``router.fleet.discovery`` calls ``add``/``remove``),
-what their caches hold (the index; the fleet only says when a cache emptied, through
-``on_restart``), and the in-flight counts of other routers (``router.fleet.shared_load``
-writes ``Backend.shared_in_flight``).
+It refuses to own: who the replicas are (discovery), what their caches hold (the index;
+the fleet only says when a cache emptied, through ``on_restart``), and the in-flight counts
+of other routers (``router.fleet.shared_load`` writes ``Backend.shared_in_flight``).
 """
 
 from __future__ import annotations
@@ -26,25 +23,20 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
-
-import httpx
 
 from router import metrics
 from router.config import BackendConfig, RouterConfig
 from router.fleet.backend import Backend, EngineLoad
 from router.fleet.breaker import CircuitBreaker
-from router.fleet.prober import HealthTracker, probe
-from router.fleet.scraper import EngineSample, restarted, scrape
-from router.fleet.served_models import fetch_models
+from router.fleet.monitor import Monitor, Replica
+from router.fleet.prober import HealthTracker
+from router.fleet.scraper import EngineSample, restarted
 from router.scheduling.model import Candidate
 from router.types import BackendId
 
 log = logging.getLogger(__name__)
 
-MODELS_REFRESH_S = 30.0
-"""Adapters are loaded and unloaded at runtime; 30 s bounds how long a new one is unroutable."""
 RESTART_DEDUP_S = 10.0
 """The same restart seen by the other path (events vs metrics) within this window is counted once."""
 
@@ -53,34 +45,21 @@ RestartCallback = Callable[[BackendId], Awaitable[None]]
 CapacityCallback = Callable[[BackendId, int], Awaitable[None]]
 
 
-@dataclass
-class _Replica:
-    cfg: BackendConfig
-    backend: Backend
-    breaker: CircuitBreaker
-    tracker: HealthTracker
-    sample: EngineSample | None = None
-    models_at: float = 0.0
-    restart_at: float = float("-inf")
-    restart_source: str = ""
-    probing: bool = False
-    scraping: bool = False
-
-
 class Fleet:
     def __init__(self, config: RouterConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._clock = clock
-        self._replicas: dict[BackendId, _Replica] = {}
+        self._replicas: dict[BackendId, Replica] = {}
         self._on_removed: list[RemovedCallback] = []
         self._on_restart: list[RestartCallback] = []
         self._on_capacity: list[CapacityCallback] = []
-        self._client: httpx.AsyncClient | None = None
-        self._tasks: list[asyncio.Task[None]] = []
         self._side_tasks: set[asyncio.Task[Any]] = set()
-        self._models_wakeup: asyncio.Event | None = None
+        self._monitor = Monitor(self)
         for cfg in config.backends:
             self.add(cfg)
+
+    def now(self) -> float:
+        return self._clock()
 
     # --- membership ------------------------------------------------------------------------
     def backends(self) -> list[Backend]:
@@ -104,7 +83,7 @@ class Fleet:
         if cfg.models is not None:
             backend.models = frozenset(cfg.models)
             backend.base_model = cfg.models[0] if cfg.models else None
-        self._replicas[bid] = _Replica(
+        self._replicas[bid] = Replica(
             cfg, backend, CircuitBreaker(health.breaker_failures, health.breaker_cooldown_s),
             HealthTracker(health.failure_threshold, health.success_threshold),
         )
@@ -112,8 +91,7 @@ class Fleet:
         metrics.IN_FLIGHT.labels(bid).set(0)
         metrics.CIRCUIT_OPEN.labels(bid).set(0)
         metrics.BACKEND_DRAINING.labels(bid).set(1 if cfg.draining else 0)
-        if self._client is not None:  # running: probe it now rather than an interval from now
-            self._spawn(self._check_new(bid), f"fleet-probe-new-{bid}")
+        self._monitor.added(bid)  # when running: probed now, not an interval from now
         return backend
 
     async def remove(self, backend_id: BackendId) -> None:
@@ -217,8 +195,7 @@ class Fleet:
         r.models_at = 0.0  # re-learn models: the new process may serve other adapters
         metrics.BACKEND_RESTARTS.labels(backend_id).inc()
         log.warning("fleet: %s restarted (seen in %s); its cache is empty", backend_id, source)
-        if self._models_wakeup is not None:
-            self._models_wakeup.set()
+        self._monitor.wake_models()
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -239,175 +216,71 @@ class Fleet:
         task.add_done_callback(self._side_tasks.discard)
         return task
 
-    # --- lifecycle -------------------------------------------------------------------------
+    # --- lifecycle (the monitor's background tasks) ------------------------------------------
     async def start(self) -> None:
-        if self._client is not None:
-            return
-        # trust_env=False: engines are reached directly; an HTTP(S)_PROXY meant for the
-        # internet must not swallow health probes.
-        self._client = httpx.AsyncClient(
-            trust_env=False, timeout=self.config.health.timeout_s,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-        )
-        self._models_wakeup = asyncio.Event()
-        for name, loop in (("fleet-prober", self._prober), ("fleet-scraper", self._scraper),
-                           ("fleet-models", self._models_loop)):
-            self._tasks.append(asyncio.create_task(self._run(name, loop), name=name))
+        await self._monitor.start()
 
     async def stop(self) -> None:
-        tasks, self._tasks = self._tasks, []
-        tasks.extend(self._side_tasks)
+        await self._monitor.stop()
+        tasks = list(self._side_tasks)
         for t in tasks:
             t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
 
     async def probe_all(self) -> None:
         """One round of probes, then models and metrics of the healthy: for start-up readiness."""
-        own = self._client is None
-        if own:
-            self._client = httpx.AsyncClient(trust_env=False, timeout=self.config.health.timeout_s)
-        try:
-            await self._probe_round()
-            await asyncio.gather(self._models_round(force=False), self._scrape_round())
-        finally:
-            if own and self._client is not None:
-                await self._client.aclose()
-                self._client = None
+        await self._monitor.probe_all()
 
-    async def _run(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
-        log.info("%s: started", name)
-        try:
-            await loop()
-        except asyncio.CancelledError:
-            log.info("%s: stopped (fleet stopping)", name)
-            raise
-        except Exception:
-            log.exception("%s: stopped by an unexpected error", name)
+    # --- what the monitor learned ------------------------------------------------------------
+    def replica(self, backend_id: BackendId) -> Replica | None:
+        return self._replicas.get(backend_id)
 
-    async def _every(self, interval_s: float, step: Callable[[], Awaitable[None]], what: str) -> None:
-        while True:
-            try:
-                await step()
-            except Exception:  # one bad round must not end the task
-                log.exception("fleet: %s round failed", what)
-            await asyncio.sleep(interval_s)
+    def replicas(self) -> list[Replica]:
+        return list(self._replicas.values())
 
-    # --- health -----------------------------------------------------------------------------
-    async def _prober(self) -> None:
-        await self._every(self.config.health.interval_s, lambda: self._probe_round(wait=False), "probe")
+    def apply_probe(self, r: Replica, ok: bool) -> bool:
+        """Record a probe result; True when the replica just turned healthy."""
+        if self._replicas.get(r.backend.id) is not r or not r.tracker.observe(ok):
+            return False
+        b = r.backend
+        b.healthy = r.tracker.healthy
+        metrics.BACKEND_HEALTHY.labels(b.id).set(1 if b.healthy else 0)
+        log.info("fleet: %s is now %s", b.id, "healthy" if b.healthy else "unhealthy")
+        return b.healthy
 
-    async def _probe_round(self, *, wait: bool = True) -> None:
-        """Probe every replica not already being probed. The loop does not wait: a replica
-        whose /health hangs until the timeout must not slow down everyone else's probes."""
-        tasks = [self._spawn(self._probe_one(bid), f"fleet-probe-{bid}")
-                 for bid, r in self._replicas.items() if not r.probing]
-        if wait:
-            await asyncio.gather(*tasks)
+    def refresh_circuits(self) -> None:
         now = self._clock()
         for bid, r in self._replicas.items():  # open -> half-open happens with time alone
             metrics.CIRCUIT_OPEN.labels(bid).set(0 if r.breaker.allows(now) else 1)
 
-    async def _probe_one(self, bid: BackendId) -> None:
-        r = self._replicas.get(bid)
-        if r is None or r.probing or self._client is None:
-            return
-        r.probing = True
-        try:
-            ok = await probe(self._client, r.backend.url, self.config.health.timeout_s)
-        finally:
-            r.probing = False
-        if self._replicas.get(bid) is not r:
-            return  # removed (or replaced) while probing
-        if r.tracker.observe(ok):
-            r.backend.healthy = r.tracker.healthy
-            metrics.BACKEND_HEALTHY.labels(bid).set(1 if r.backend.healthy else 0)
-            log.info("fleet: %s is now %s", bid, "healthy" if r.backend.healthy else "unhealthy")
-            if r.backend.healthy and self._models_wakeup is not None:
-                self._models_wakeup.set()
-
-    async def _check_new(self, bid: BackendId) -> None:
-        await self._probe_one(bid)
-        r = self._replicas.get(bid)
-        if r is not None and r.backend.healthy:
-            await asyncio.gather(self._models_one(bid), self._scrape_one(bid))
-
-    # --- models -----------------------------------------------------------------------------
-    async def _models_loop(self) -> None:
-        assert self._models_wakeup is not None
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._models_wakeup.wait(), MODELS_REFRESH_S)
-            self._models_wakeup.clear()
-            try:
-                await self._models_round(force=False)
-            except Exception:
-                log.exception("fleet: models round failed")
-
-    async def _models_round(self, *, force: bool) -> None:
-        now = self._clock()
-        due = [bid for bid, r in self._replicas.items()
-               if r.cfg.models is None and r.backend.healthy
-               and (force or not r.backend.models or now - r.models_at >= MODELS_REFRESH_S)]
-        await asyncio.gather(*(self._models_one(bid) for bid in due))
-
-    async def _models_one(self, bid: BackendId) -> None:
-        r = self._replicas.get(bid)
-        if r is None or r.cfg.models is not None or self._client is None:
-            return
-        try:
-            base, served = await fetch_models(self._client, r.backend.url, self.config.health.timeout_s)
-        except (httpx.HTTPError, OSError, ValueError) as exc:
-            log.warning("fleet: cannot read /v1/models of %s: %s", bid, exc)
+    def apply_models(self, r: Replica, base: str | None, served: frozenset[str]) -> None:
+        if self._replicas.get(r.backend.id) is not r:
             return
         if served != r.backend.models:
-            log.info("fleet: %s serves %s", bid, sorted(served))
+            log.info("fleet: %s serves %s", r.backend.id, sorted(served))
         r.backend.models, r.backend.base_model, r.models_at = served, base, self._clock()
 
-    # --- engine metrics ---------------------------------------------------------------------
-    async def _scraper(self) -> None:
-        await self._every(self.config.scheduling.metrics_interval_s, lambda: self._scrape_round(wait=False),
-                          "scrape")
-
-    async def _scrape_round(self, *, wait: bool = True) -> None:
-        tasks = [self._spawn(self._scrape_one(bid), f"fleet-scrape-{bid}")
-                 for bid, r in self._replicas.items() if r.backend.healthy and not r.scraping]
-        if wait:
-            await asyncio.gather(*tasks)
-
-    async def _scrape_one(self, bid: BackendId) -> None:
-        r = self._replicas.get(bid)
-        if r is None or r.scraping or self._client is None:
-            return
-        r.scraping = True
-        try:
-            sample = await scrape(self._client, r.backend.url, self.config.health.timeout_s)
-        except (httpx.HTTPError, OSError, ValueError) as exc:
-            log.debug("fleet: scrape of %s failed: %s", bid, exc)  # staleness bound handles it
-            return
-        finally:
-            r.scraping = False
-        if self._replicas.get(bid) is not r:
+    async def apply_sample(self, r: Replica, sample: EngineSample) -> None:
+        """Engine load, cache geometry and restart detection from one /metrics scrape."""
+        b = r.backend
+        if self._replicas.get(b.id) is not r:
             return
         prev, r.sample = r.sample, sample
-        b = r.backend
         b.load = EngineLoad(running=sample.running or 0.0, waiting=sample.waiting or 0.0,
                             kv_usage=sample.kv_usage or 0.0, scraped_at=self._clock())
         if sample.waiting is not None:
-            metrics.ENGINE_WAITING.labels(bid).set(sample.waiting)
+            metrics.ENGINE_WAITING.labels(b.id).set(sample.waiting)
         if sample.kv_usage is not None:
-            metrics.ENGINE_KV_USAGE.labels(bid).set(sample.kv_usage)
+            metrics.ENGINE_KV_USAGE.labels(b.id).set(sample.kv_usage)
         if r.cfg.block_size is None and sample.block_size is not None:
             b.block_size = sample.block_size
         if restarted(prev, sample):
-            fut = self.mark_restarted(bid, source="metrics")
+            fut = self.mark_restarted(b.id, source="metrics")
             if fut is not None:
                 await fut
         if r.cfg.capacity_blocks is None and sample.num_blocks and sample.num_blocks != b.capacity_blocks:
             b.capacity_blocks = sample.num_blocks
-            log.info("fleet: %s holds %d blocks of %s tokens", bid, sample.num_blocks, b.block_size)
-            await self._fire(self._on_capacity, bid, sample.num_blocks)
+            log.info("fleet: %s holds %d blocks of %s tokens", b.id, sample.num_blocks, b.block_size)
+            await self._fire(self._on_capacity, b.id, sample.num_blocks)
