@@ -52,7 +52,7 @@ from router.types import BackendId, BlockKey
 T = TypeVar("T")
 LookupMode = Literal["lua", "pipeline"]
 _FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
-_REFRESH_S = 0.5
+REFRESH_S = 0.5
 """How stale the local list of replicas may get before a lookup re-reads it: a replica
 first recorded by another router shows up within this, and a lookup re-asks at once when
 the list changed, so no entry is missed; larger would hammer the registry's node less."""
@@ -224,7 +224,7 @@ class RedisBlockIndex:
         if self._replicas is None:
             await self._read_replicas()
         assert self._replicas is not None
-        refresh = self._clock() - self._replicas_at > _REFRESH_S
+        refresh = self._clock() - self._replicas_at > REFRESH_S
         asked = list(self._replicas)
         result, fresh = await self._lookup_round(asked, members, refresh)
         if fresh is not None:
