@@ -2,7 +2,7 @@
 
 The tap forwards every complete event as soon as its closing blank line arrives; only an
 incomplete event's bytes wait (a client cannot parse half an event anyway). Chunks that do
-not mention ``"usage"`` are forwarded without being parsed. When the router asked for
+carry no usage object are forwarded without being parsed. When the router asked for
 usage itself (``stream_options.include_usage``) and the client did not, the usage-only
 chunk (``"choices": []``) is dropped from what the client receives.
 """
@@ -16,6 +16,11 @@ import orjson
 _SEP = b"\n\n"
 _SEP_CRLF = b"\r\n\r\n"
 _DONE = b"data: [DONE]"
+
+
+def _has_usage(data: bytes) -> bool:
+    # vLLM puts "usage":null in every chunk when usage is on; only an object is worth parsing.
+    return b'"usage":{' in data or b'"usage": {' in data
 
 
 class SseTap:
@@ -38,7 +43,7 @@ class SseTap:
         ready, self._buf = buf[:end], buf[end:]
         if not self.done and _DONE in ready:
             self.done = True
-        if b'"usage"' not in ready:
+        if not _has_usage(ready):
             return ready
         return self._scan(ready)
 
@@ -47,14 +52,14 @@ class SseTap:
         rest, self._buf = self._buf, b""
         if rest and _DONE in rest:
             self.done = True
-        return self._scan(rest) if b'"usage"' in rest else rest
+        return self._scan(rest) if _has_usage(rest) else rest
 
     def _scan(self, ready: bytes) -> bytes:
         out: list[bytes] = []
         for event in ready.replace(_SEP_CRLF, _SEP).split(_SEP):
             if not event.strip():
                 continue
-            if b'"usage"' in event and self._take_usage(event):
+            if _has_usage(event) and self._take_usage(event):
                 continue
             out.append(event + _SEP)
         return b"".join(out)
