@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -24,10 +23,11 @@ from starlette.exceptions import HTTPException
 from router.api import routes
 from router.api.errors import http_exception, unhandled
 from router.config import RouterConfig
+from router.events.ingest import EventIngest
 from router.fleet.registry import Fleet
+from router.index import factory
 from router.index.base import BlockIndex, IndexUnavailable
-from router.index.memory import MemoryBlockIndex
-from router.metrics import INDEX_BLOCKS, INDEX_ERRORS
+from router.index.resilient import ResilientIndex
 from router.pipeline import Pipeline
 from router.proxy.client import HttpxUpstream
 from router.proxy.forward import Forwarder
@@ -42,38 +42,26 @@ INDEX_SIZES_INTERVAL_S = 5.0
 
 
 def make_index(config: RouterConfig) -> BlockIndex:
-    try:
-        factory = importlib.import_module("router.index.factory")
-    except ImportError:
-        if config.redis_url is not None:
-            raise
-        return MemoryBlockIndex()
+    """The configured index, always behind ResilientIndex: it owns the index metrics
+    (lookup latency, errors, degraded, sizes) for every backend, so nobody counts twice."""
     index: BlockIndex = factory.make_index(config)
-    return index
+    return index if isinstance(index, ResilientIndex) else ResilientIndex(index)
 
 
-def make_ingest(config: RouterConfig, index: BlockIndex, fleet: Fleet) -> Any | None:
+def make_ingest(config: RouterConfig, index: BlockIndex, fleet: Fleet) -> EventIngest | None:
+    """KV-event ingest when any replica has events configured (precise mode); else None."""
     wanted = config.kv_events_bind is not None or any(b.kv_events or b.kv_topic for b in config.backends)
     if not wanted or config.index.mode == "approximate":
         return None
-    try:
-        module = importlib.import_module("router.events.ingest")
-    except ImportError:
-        log.warning("KV events configured but router.events.ingest is not available: approximate mode")
-        return None
-    return module.EventIngest(config, index, fleet)
+    return EventIngest(config, index, fleet)
 
 
-async def _index_sizes(index: BlockIndex, fleet: Fleet) -> None:
-    """Purge expired entries and export per-replica sizes, forever (cancelled at shutdown)."""
+async def _index_sizes(index: BlockIndex) -> None:
+    """Purge expired entries and refresh per-replica sizes (the wrapper exports them), forever."""
     while True:
-        try:
+        with contextlib.suppress(IndexUnavailable):
             await index.purge_expired()
-            sizes = await index.sizes()
-            for b in fleet.backends():
-                INDEX_BLOCKS.labels(b.id).set(sizes.get(b.id, 0))
-        except IndexUnavailable:
-            INDEX_ERRORS.labels("sizes").inc()
+            await index.sizes()
         await asyncio.sleep(INDEX_SIZES_INTERVAL_S)
 
 
@@ -91,19 +79,15 @@ def _wire(config: RouterConfig, index: BlockIndex, fleet: Fleet) -> None:
     configured = {b.url: b.capacity_blocks for b in config.backends if b.capacity_blocks is not None}
 
     async def cleared(backend: BackendId) -> None:
-        try:
+        with contextlib.suppress(IndexUnavailable):  # fail open; the wrapper counts it
             n = await index.clear(backend)
             log.info("index: cleared %d entries of %s", n, backend)
-        except IndexUnavailable:
-            INDEX_ERRORS.labels("clear").inc()
 
     async def capacity(backend: BackendId, blocks: int) -> None:
         if backend in configured:
             return  # an operator's number wins over the engine's
-        try:
+        with contextlib.suppress(IndexUnavailable):
             await index.set_capacity(backend, blocks)
-        except IndexUnavailable:
-            INDEX_ERRORS.labels("capacity").inc()
 
     fleet.on_removed(cleared)
     fleet.on_restart(cleared)
@@ -132,7 +116,7 @@ def create_app(config: RouterConfig) -> Starlette:
         pipeline = Pipeline(config, index, fleet, scheduler, PromptEncoder(config),
                             Forwarder(client, fleet, config))
         app.state.pipeline = pipeline
-        sizes = asyncio.create_task(_run_named("index-sizes", _index_sizes(index, fleet)), name="index-sizes")
+        sizes = asyncio.create_task(_run_named("index-sizes", _index_sizes(index)), name="index-sizes")
         log.info("cache-router ready: %d replicas, policy %s, index %s, %s", len(fleet.backends()),
                  config.policy, index.name, "tokenizer" if config.tokenizer else "approximate character mode")
         try:

@@ -17,6 +17,7 @@ The pipeline owns no HTTP: ``router.api`` parses and renders, ``router.proxy`` m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -32,9 +33,6 @@ from router.index.base import BlockIndex, IndexUnavailable
 from router.metrics import (
     CACHED_TOKENS,
     DECISIONS,
-    INDEX_DEGRADED,
-    INDEX_ERRORS,
-    INDEX_LOOKUP_SECONDS,
     LOST_SAVINGS,
     PREDICTED_TOKENS,
     PROMPT_TOKENS,
@@ -129,12 +127,8 @@ class Pipeline:
         if enc.keys:
             try:
                 matched = await self.index.lookup(enc.keys)
-                INDEX_DEGRADED.set(0)
             except IndexUnavailable:
-                available = False
-                INDEX_ERRORS.labels("lookup").inc()
-                INDEX_DEGRADED.set(1)
-            INDEX_LOOKUP_SECONDS.labels(self.index.name).observe(time.perf_counter() - t0)
+                available = False  # counted and logged by the index's metrics wrapper
         candidates = self.fleet.candidates(req.model, matched)
         _lookup_stage.observe(time.perf_counter() - t0)
         route = RouteRequest(model=req.model, keys=tuple(enc.keys), prompt_tokens=enc.prompt_tokens,
@@ -286,17 +280,15 @@ class Pipeline:
             return
         b = self.fleet.get(backend)
         ttl = self.config.index.speculative_ttl_s if b is not None and b.precise else self.config.index.ttl_s
-        self._spawn(self._index_call("record", self.index.record(backend, keys, ttl_s=ttl)), "index-record")
+        self._spawn(self._index_call(self.index.record(backend, keys, ttl_s=ttl)), "index-record")
 
     async def _drop(self, backend: BackendId, keys: list[BlockKey]) -> None:
-        await self._index_call("remove", self.index.remove(backend, keys))
+        await self._index_call(self.index.remove(backend, keys))
 
     @staticmethod
-    async def _index_call(op: str, call: Awaitable[None]) -> None:
-        try:
+    async def _index_call(call: Awaitable[None]) -> None:
+        with contextlib.suppress(IndexUnavailable):  # fail open; the index wrapper counts it
             await call
-        except IndexUnavailable:
-            INDEX_ERRORS.labels(op).inc()
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
