@@ -80,7 +80,7 @@ def _arm(text: str) -> tuple[str, str]:
     return name, url.rstrip("/")
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtest compare", description=__doc__.split("\n")[0])
     parser.add_argument("--target", type=_arm, action="append", default=[], metavar="NAME=URL",
                         help="an arm: a router (or policy) by name and base URL; repeat for more")
@@ -90,6 +90,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory for compare.json, compare.md, PNGs")
     add_workload_args(parser)
     add_run_args(parser)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.engines:
         parser.error("--engines URL... is required (to reset caches and read engine metrics)")

@@ -80,14 +80,16 @@ def _engine_table(results: Sequence[RunResult]) -> str:
         urls += [u for u in r.summary["engine_busy"] if u not in urls]
     if not urls:
         return "_No engine was read: pass `--engines URL...` to get engine-side figures._"
-    head = "| engine | " + " | ".join(f"{r.name} requests | {r.name} busy" for r in results) + " |"
-    lines = [head, "|---|" + "---:|---:|" * len(results)]
+    head = "| engine | " + " | ".join(f"{r.name} requests | busy | hit" for r in results) + " |"
+    lines = [head, "|---|" + "---:|---:|---:|" * len(results)]
     for url in urls:
         cells = []
         for r in results:
             req = r.summary["engine_requests"].get(url)
             busy = r.summary["engine_busy"].get(url)
-            cells += ["-" if req is None else f"{req:.0f}", "-" if busy is None else f"{busy:.2f}"]
+            usage = next((e for e in r.engines if e.url.rstrip("/") == url), None)
+            hit = usage.hits / usage.queries if usage is not None and usage.queries else None
+            cells += ["-" if req is None else f"{req:.0f}", "-" if busy is None else f"{busy:.2f}", _pct(hit)]
         lines.append(f"| {url} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -109,8 +111,14 @@ def markdown(results: Sequence[RunResult], images: Sequence[Path], title: str | 
            "**Reading it.** *hit rate* is cached / prompt tokens from the engines' `usage`; *hit (engine ctr)* is "
            "the same from the engines' `vllm:prefix_cache_*` counters (they include every client of those engines). "
            "*of ceiling* is hit rate / ceiling. *load max/mean* is the busiest engine's requests over the mean "
-           "(1.00 is perfect balance); *busy max/mean* the same for requests running or waiting, sampled.", "",
+           "(1.00 is perfect balance); *busy max/mean* the same for requests running or waiting, sampled. "
+           "Per engine, *busy* is the mean number of requests running or waiting there and *hit* its own "
+           "counters' hit rate.", "",
            "## Per engine", "", _engine_table(results), ""]
+    busy_client = [r.name for r in results if r.summary.get("client_cpu_share", 0.0) > 0.8]
+    if busy_client:
+        out += [f"**Warning:** the load generator used more than 80% of a core during {busy_client}; its "
+                "latencies include its own queueing. Use a lower rate or concurrency, or another machine.", ""]
     mismatches = {r.name: r.summary.get("token_count_mismatches", 0) for r in results}
     if any(mismatches.values()):
         out += [f"**Warning:** the engines counted prompt tokens differently from the local tokenizer for "

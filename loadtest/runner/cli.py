@@ -104,7 +104,7 @@ async def _main(args: argparse.Namespace) -> RunResult:
                               name=args.name or ("direct-round-robin" if args.direct_round_robin else None))
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtest run", description=__doc__.split("\n")[0])
     parser.add_argument("--target", help="OpenAI-compatible base URL (a router or one engine)")
     parser.add_argument("--direct-round-robin", action="store_true",
@@ -114,6 +114,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-records", action="store_true", help="leave per-request records out of the JSON")
     add_workload_args(parser)
     add_run_args(parser)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.target and not (args.direct_round_robin and args.engines):
         parser.error("give --target URL, or --direct-round-robin with --engines URL...")

@@ -101,6 +101,7 @@ class FleetWatch:
     busy_sum: dict[str, float] = field(default_factory=dict)
     samples: int = 0
     _task: asyncio.Task[None] | None = None
+    _warned: set[str] = field(default_factory=set)
 
     async def scrape(self) -> dict[str, EngineSnapshot]:
         texts = await asyncio.gather(*(self._get(u) for u in self.urls))
@@ -112,7 +113,9 @@ class FleetWatch:
             resp.raise_for_status()
             return resp.text
         except httpx.HTTPError as exc:
-            log.warning("engine %s: /metrics unreadable (%s)", url, type(exc).__name__)
+            if url not in self._warned:  # once per engine: the sampler would repeat it every interval
+                self._warned.add(url)
+                log.warning("engine %s: /metrics unreadable (%s)", url, type(exc).__name__)
             return None
 
     async def start(self) -> None:
@@ -153,13 +156,19 @@ class FleetWatch:
 
 
 async def discover_engines(client: httpx.AsyncClient, target: str) -> list[str]:
-    """The replicas behind a cache-router, from its /metrics; [] when the target says nothing."""
+    """The replicas behind a cache-router, from its /metrics; the target itself if it is an engine.
+
+    [] when the target's metrics say neither (another router): pass ``--engines`` then.
+    """
     try:
         resp = await client.get(target.rstrip("/") + "/metrics", timeout=5.0)
         resp.raise_for_status()
     except httpx.HTTPError:
         return []
-    return router_backends(resp.text)
+    backends = router_backends(resp.text)
+    if not backends and "vllm:prefix_cache_queries" in resp.text:
+        return [target.rstrip("/")]
+    return backends
 
 
 async def reset_prefix_caches(client: httpx.AsyncClient, urls: list[str]) -> None:

@@ -222,6 +222,7 @@ async def run_workload(workload: Workload, target: str | Sequence[str], options:
                       console=console, disable=not opts.progress, transient=False) as progress:
             run.progress, run.task_id = progress, progress.add_task(workload.name, total=budget)
             run.t0 = time.perf_counter()
+            cpu0 = time.process_time()
             if arrival == "closed":
                 await run.closed_loop(opts.concurrency or 8)
             else:
@@ -229,6 +230,7 @@ async def run_workload(workload: Workload, target: str | Sequence[str], options:
                           else [c.arrival_s or 0.0 for c in workload.conversations])
                 await run.open_loop(starts)
         wall = time.perf_counter() - run.t0
+        cpu = time.process_time() - cpu0
         await watch.stop()
     reported = {s.block_size for s in watch.after.values() if s.block_size}
     block_size = opts.block_size or (reported.pop() if len(reported) == 1 else DEFAULT_BLOCK_SIZE)
@@ -239,6 +241,8 @@ async def run_workload(workload: Workload, target: str | Sequence[str], options:
     summary["token_count_mismatches"] = sum(
         1 for r in run.records if r.prompt_tokens is not None and r.prompt_tokens != by_index.get(r.index))
     summary["ceiling_block_size"] = block_size
+    # Near 1.0 the generator itself was CPU-bound and its latencies include its own queueing.
+    summary["client_cpu_share"] = cpu / wall if wall > 0 else 0.0
     return RunResult(
         name=name or (targets[0] if len(targets) == 1 else "direct-round-robin"),
         targets=targets, workload=workload.name, seed=workload.seed, workload_params=dict(workload.params),
