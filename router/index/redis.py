@@ -69,6 +69,23 @@ def _split_cluster_url(url: str) -> tuple[str, bool]:
     return url, False
 
 
+def connect(
+    url: str, *, deadline_ms: float, cluster: bool | None = None, max_connections: int = 256
+) -> tuple[Any, bool]:
+    """An asyncio client (plain or Cluster) that never retries on its own; (client, is_cluster)."""
+    plain, by_scheme = _split_cluster_url(url)
+    is_cluster = by_scheme if cluster is None else cluster
+    common: dict[str, Any] = {
+        "socket_connect_timeout": max(deadline_ms / 1000.0, 0.05),
+        # the caller's asyncio deadline cuts every call; retries would only spend it twice
+        "retry": Retry(NoBackoff(), 0),
+        "max_connections": max_connections,
+    }
+    if is_cluster:
+        return RedisCluster.from_url(plain, **common), True
+    return aioredis.Redis.from_url(plain, health_check_interval=0, **common), False
+
+
 class RedisBlockIndex:
     name = "redis"
 
@@ -95,6 +112,7 @@ class RedisBlockIndex:
         self._replicas: list[BackendId] | None = None
         self._replicas_at = 0.0
         self._caps: dict[BackendId, int | None] = {}  # re-applied when Redis comes back empty
+        self._caps_pending: set[BackendId] = set()
         self._writes = WriteBatcher(self._flush_writes, deadline_s=self._deadline)
 
     @classmethod
@@ -109,20 +127,9 @@ class RedisBlockIndex:
         max_connections: int = 256,
     ) -> RedisBlockIndex:
         """``redis://host:port/db``; ``redis+cluster://host:port`` (or ``cluster=True``) for a Cluster."""
-        plain, by_scheme = _split_cluster_url(url)
-        is_cluster = by_scheme if cluster is None else cluster
-        timeout_s = max(deadline_ms / 1000.0, 0.05)
-        common: dict[str, Any] = {
-            "socket_connect_timeout": timeout_s,
-            # our own asyncio deadline cuts every call; retries would only spend it twice
-            "retry": Retry(NoBackoff(), 0),
-            "max_connections": max_connections,
-        }
-        client: Any
-        if is_cluster:
-            client = RedisCluster.from_url(plain, **common)
-        else:
-            client = aioredis.Redis.from_url(plain, health_check_interval=0, **common)
+        client, is_cluster = connect(
+            url, deadline_ms=deadline_ms, cluster=cluster, max_connections=max_connections
+        )
         return cls(
             client, namespace=namespace, deadline_ms=deadline_ms, cluster=is_cluster, lookup_mode=lookup_mode
         )
@@ -168,9 +175,9 @@ class RedisBlockIndex:
     async def set_capacity(self, replica: BackendId, blocks: int | None) -> None:
         self._know(replica)
         self._caps[replica] = blocks
-        await self._bounded(
-            "capacity", lambda: self._replica_op(replica, "cap", -1 if blocks is None else blocks)
-        )
+        # pending until Redis has it: a capacity set while Redis was away goes out with the next write
+        self._caps_pending.add(replica)
+        await self._bounded("capacity", lambda: self._pipelined([]))
 
     async def sizes(self) -> Mapping[BackendId, int]:
         async def run() -> dict[BackendId, int]:
@@ -277,30 +284,39 @@ class RedisBlockIndex:
             # the capacities it forgot (or the index would grow unbounded), then redo once
             await self._r.script_load(self._replica_src)
             await self._r.script_load(self._lookup_src)
-            if self._caps:
-                caps = [(r, ["cap", -1 if c is None else c]) for r, c in self._caps.items()]
-                await self._pipelined(caps)
+            self._caps_pending.update(self._caps)
             return await again()
 
     async def _replica_op(self, replica: BackendId, *args: Any) -> Any:
         return (await self._pipelined([(replica, list(args))]))[0]
 
     async def _pipelined(self, ops: list[tuple[BackendId, list[Any]]]) -> list[Any]:
-        """Replica-script calls in one pipeline; returns their replies in order."""
+        """Replica-script calls in one pipeline (after any pending capacities); their replies in order."""
+        caps = [(r, ["cap", _cap_arg(self._caps.get(r))]) for r in sorted(self._caps_pending)]
+        todo = caps + ops
+        if not todo:
+            return []
         # the registry lets lookups and sizes() find replicas without a scan
-        new = {r for r, args in ops if args[0] in ("record", "cap")}
+        new = {r for r, args in todo if args[0] in ("record", "cap")}
         pipe = self._r.pipeline(transaction=False)
         sha = self._replica_script.sha
-        for replica, args in ops:
+        for replica, args in todo:
             pipe.execute_command("EVALSHA", sha, 3, *K.replica_keys(self._ns, replica), *args)
         if new:
             pipe.sadd(K.replicas(self._ns), *new)
         out = await self._execute(pipe, lambda: self._pipelined(ops))
-        return out[: len(ops)]
+        if isinstance(out, list) and len(out) >= len(todo):  # this round sent the capacities
+            self._caps_pending.difference_update(r for r, _ in caps)
+            return out[len(caps) : len(todo)]
+        return out
 
     async def _flush_writes(self, ops: list[tuple[BackendId, list[Any]]]) -> None:
         """One pipeline for every write submitted in the same event-loop turn (group commit)."""
         await self._pipelined(ops)
+
+
+def _cap_arg(blocks: int | None) -> int:
+    return -1 if blocks is None else blocks
 
 
 def _runs_from_scores(out: list[Any]) -> list[int]:

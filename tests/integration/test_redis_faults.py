@@ -154,3 +154,15 @@ async def test_fail_fast_while_degraded(own_redis: RedisServer, namespace: str) 
     finally:
         own_redis.resume()
         await index.close()
+
+
+async def test_capacity_set_while_down_applies_with_the_next_write(
+    index: RedisBlockIndex, own_redis: RedisServer
+) -> None:
+    await warm(index)
+    own_redis.kill()
+    with pytest.raises(IndexUnavailable):
+        await index.set_capacity(A, 5)  # the fleet learned it while Redis was away
+    own_redis.start()
+    await until_ok(lambda: index.record(A, KEYS, ttl_s=None))
+    assert dict(await index.sizes()) == {A: 5}
