@@ -120,9 +120,13 @@ class ReplicaApplier:
         self._media_bits: dict[str, int] = {"GPU": _GPU}
         self.state = ApplierState()
         self._reported_restart_at = float("-inf")
+        # labelled children resolved once: .labels() costs more than applying a small event
+        self._m_events = {t: metrics.KV_EVENTS.labels(self.id, t)
+                          for t in ("BlockStored", "BlockRemoved", "AllBlocksCleared", "unknown")}
+        self._m_precise = metrics.PRECISE_MODE.labels(self.id)
+        self._set_precise(False)
         self.observers: list[Callable[[BlockStored, list[BlockKey]], None]] = []
         """Called with each applied BlockStored and its router keys (the start-up self-check listens)."""
-        self._set_precise(False)
 
     # ---- entry points (called in order by one worker task per replica) ----------------------
 
@@ -254,19 +258,19 @@ class ReplicaApplier:
                 break
             if isinstance(event, BlockStored):
                 await self._stored(event, seq)
-                metrics.KV_EVENTS.labels(self.id, "BlockStored").inc()
+                self._m_events["BlockStored"].inc()
             elif isinstance(event, BlockRemoved):
                 await self._removed(event)
-                metrics.KV_EVENTS.labels(self.id, "BlockRemoved").inc()
+                self._m_events["BlockRemoved"].inc()
             elif isinstance(event, AllBlocksCleared):
                 await self._clear()
-                metrics.KV_EVENTS.labels(self.id, "AllBlocksCleared").inc()
+                self._m_events["AllBlocksCleared"].inc()
             else:
-                metrics.KV_EVENTS.labels(self.id, "unknown").inc()
+                self._m_events["unknown"].inc()
         st.expected = seq + 1
         st.last_ts = max(st.last_ts, batch.ts)
         st.last_event_at = self._clock()
-        if st.disabled is None and not st.cold:
+        if st.disabled is None and not st.cold and not self.backend.precise:
             self._set_precise(True)
 
     async def _stored(self, ev: BlockStored, seq: int) -> None:
@@ -386,7 +390,7 @@ class ReplicaApplier:
 
     def _set_precise(self, value: bool) -> None:
         self.backend.precise = value
-        metrics.PRECISE_MODE.labels(self.id).set(1 if value else 0)
+        self._m_precise.set(1 if value else 0)
 
     def _warn_once(self, what: str, msg: str, *args: object) -> None:
         if what not in self.state.warned:

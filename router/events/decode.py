@@ -23,9 +23,10 @@ from __future__ import annotations
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 
 EngineHash = int | bytes
 """An engine's block hash as sent: opaque, used only as a dict key."""
@@ -44,7 +45,7 @@ class DecodeError(ValueError):
 class BlockStored:
     block_hashes: tuple[EngineHash, ...]
     parent_block_hash: EngineHash | None
-    token_ids: array[int]
+    token_ids: Sequence[int]
     """uint32 ids, exactly ``len(block_hashes) * block_size`` of them."""
     block_size: int
     medium: str | None = None
@@ -105,6 +106,10 @@ def decode_message(frames: Sequence[bytes]) -> Message:
 
 
 def decode_payload(payload: bytes) -> EventBatch:
+    try:
+        return _fast(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError, DecodeError):
+        pass  # not the current vLLM layout: take the defensive path, which also names the fault
     try:
         raw = _decoder.decode(payload)
     except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:
@@ -224,3 +229,56 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# ---- fast path: vLLM 0.32's exact layout, validated in C by msgspec ------------------------------
+# Array envelope, map-tagged events, non-negative int or bytes hashes. Anything else (positional
+# events, map envelopes, new event types, signed hashes) fails validation here and is decoded by
+# the defensive path above; the two agree on every input (tests/unit/test_events_decode.py).
+
+_U32 = Annotated[int, Meta(ge=0, lt=2**32)]
+_WireHash = Annotated[int, Meta(ge=0)] | bytes
+
+
+class _WStored(msgspec.Struct, tag="BlockStored", tag_field="type", gc=False):
+    block_hashes: list[_WireHash]
+    token_ids: list[_U32]
+    block_size: Annotated[int, Meta(gt=0)]
+    parent_block_hash: _WireHash | None = None
+    medium: str | None = None
+    lora_name: str | None = None
+    extra_keys: list[Any] | None = None
+
+
+class _WRemoved(msgspec.Struct, tag="BlockRemoved", tag_field="type", gc=False):
+    block_hashes: list[_WireHash]
+    medium: str | None = None
+
+
+class _WCleared(msgspec.Struct, tag="AllBlocksCleared", tag_field="type", gc=False):
+    pass
+
+
+class _WBatch(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[_WStored | _WRemoved | _WCleared]
+    data_parallel_rank: int | None = None
+
+
+_fast_decoder = msgspec.msgpack.Decoder(_WBatch)
+
+
+def _fast(payload: bytes) -> EventBatch:
+    wire = _fast_decoder.decode(payload)
+    events: list[Event] = []
+    for ev in wire.events:
+        if type(ev) is _WStored:
+            if len(ev.token_ids) != len(ev.block_hashes) * ev.block_size:
+                raise DecodeError("token count")
+            events.append(BlockStored(tuple(ev.block_hashes), ev.parent_block_hash, ev.token_ids, ev.block_size,
+                                      ev.medium, ev.lora_name, _salt(ev.extra_keys, ev.lora_name)))
+        elif type(ev) is _WRemoved:
+            events.append(BlockRemoved(tuple(ev.block_hashes), ev.medium))
+        else:
+            events.append(AllBlocksCleared())
+    return EventBatch(wire.ts, tuple(events), wire.data_parallel_rank)

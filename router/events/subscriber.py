@@ -94,8 +94,10 @@ class EventSocket:
     """One SUB socket (connected to an engine, or bound for many) and its receive loop.
 
     ``route(topic)`` picks the queue for a message (None: nobody owns that topic; counted
-    by the caller's ``on_unrouted``). A full queue drops the message: the applier sees the
-    sequence gap and replays, so an overloaded router loses latency, not correctness.
+    by the caller's ``on_unrouted``). A full queue: a socket of its own (connect mode) waits,
+    which leaves the backlog in ZMQ's receive buffer (RCVHWM) and, past it, to the publisher's
+    drop; a shared bound socket drops the message instead, so one slow replica never stalls the
+    others. Either way a lost message is a sequence gap the applier repairs by replay.
     """
 
     def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, *, bind: bool,
@@ -125,10 +127,13 @@ class EventSocket:
                 if self._on_unrouted is not None:
                     self._on_unrouted(frames[0] if frames else b"")
                 continue
-            try:
-                queue.put_nowait(frames)
-            except asyncio.QueueFull:
-                self.dropped += 1
+            if self.bind:
+                try:
+                    queue.put_nowait(frames)
+                except asyncio.QueueFull:
+                    self.dropped += 1
+            else:
+                await queue.put(frames)
 
     def close(self) -> None:
         self.sock.close(linger=0)
