@@ -1,6 +1,6 @@
 """The load generator against real simulated engines (``python -m loadtest engine``) on loopback.
 
-The fleet runs in zero-delay mode and most runs use one request at a time, so every
+The fleet (``SimFleet``, as a subprocess) runs in zero-delay mode and most runs use one request at a time, so every
 figure is exact and can be derived independently: round robin over 4 engines hits what
 4 separate unlimited caches, each fed every 4th request, would hit; one engine whose cache
 holds the working set hits the ceiling.
@@ -10,41 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from loadtest.compare import DIRECT, compare, reset_fleet
+from loadtest.engine import SimFleet
 from loadtest.runner import cli
 from loadtest.runner.ceiling import SentPrompt, ceiling
 from loadtest.runner.run import RunOptions, run_workload
 from loadtest.workloads import History, build_workload
 from loadtest.workloads.text import load_tokenizer
-from tests.support.servers import env_without_proxies
 
 pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture(scope="module")
 def engines() -> Iterator[list[str]]:
-    proc = subprocess.Popen([sys.executable, "-m", "loadtest", "engine", "--port", "0", "--engines", "4",
-                             "--cache-blocks", "512", "--block-size", "16", "--zero"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env_without_proxies())
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # the ready line, printed once every engine answers
-        ready = json.loads(line)
-        assert ready["ready"] is True
-        yield [e["url"] for e in ready["engines"]]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    # A subprocess fleet (``python -m loadtest engine``): its own GIL, so the client's timings are its own.
+    with SimFleet(4, block_size=16, cache_blocks=512, zero=True, mode="process") as fleet:
+        yield list(fleet.urls)
 
 
 def _prompt_ids(workload_name: str, seed: int, **params: object) -> list[list[int]]:
