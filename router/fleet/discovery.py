@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -99,8 +100,14 @@ class Discovery:
         if self.cfg.kind == "static" or self._task is not None:
             self.synced.set()
             return
-        runner = self._run_dns if self.cfg.kind == "dns" else self._run_kubernetes
-        self._task = asyncio.create_task(runner(), name=f"discovery-{self.cfg.kind}")
+        if self.cfg.kind == "dns":
+            self._task = asyncio.create_task(self._run_dns(), name="discovery-dns")
+        else:
+            # Built here so a router that cannot reach the API at all (outside a pod, no api_server)
+            # fails at start instead of serving an empty fleet.
+            client = await self._kube_client()
+            self._task = asyncio.create_task(self._run_kubernetes(client), name="discovery-kubernetes")
+        self._task.add_done_callback(_log_end)
 
     async def stop(self) -> None:
         tasks = [t for t in (self._task, *self._drains.values()) if t is not None]
@@ -108,7 +115,7 @@ class Discovery:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await asyncio.gather(task, return_exceptions=True)
         self._task = None
         self._drains.clear()
         log.info("discovery stopped (%s)", self.cfg.kind)
@@ -194,10 +201,10 @@ class Discovery:
             raise
 
     # --- Kubernetes: list, then watch -----------------------------------------------------------
-    async def _run_kubernetes(self) -> None:
+    async def _run_kubernetes(self, client: httpx.AsyncClient) -> None:
         failures = 0
         try:
-            async with await self._kube_client() as client:
+            async with client:
                 namespace = self.cfg.namespace or await self._read_sa("namespace") or "default"
                 path = f"/api/v1/namespaces/{namespace}/pods"
                 while True:
@@ -225,7 +232,9 @@ class Discovery:
                 raise RuntimeError("discovery.kind=kubernetes outside a pod: set discovery.api_server")
             base = f"https://{host}:{port}"
         ca = self.sa_dir / "ca.crt"
-        verify: Any = str(ca) if base.startswith("https") and await asyncio.to_thread(ca.exists) else True
+        verify: ssl.SSLContext | bool = True
+        if base.startswith("https") and await asyncio.to_thread(ca.exists):
+            verify = await asyncio.to_thread(ssl.create_default_context, cafile=str(ca))
         timeout = httpx.Timeout(10.0, read=_WATCH_TIMEOUT_S + 30.0)
         return httpx.AsyncClient(base_url=base, verify=verify, timeout=timeout, trust_env=False)
 
@@ -288,3 +297,9 @@ class Discovery:
 
     async def _apply_pods(self) -> None:
         await self._apply({BackendId(bcfg.url): (uid, bcfg) for uid, bcfg in self._pods.values()})
+
+
+def _log_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("discovery task %s died: %r; the fleet keeps its last replicas", task.get_name(),
+                  task.exception())

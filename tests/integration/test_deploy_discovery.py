@@ -316,3 +316,10 @@ def test_discovery_config_requires_its_fields() -> None:
         RouterConfig.model_validate({"discovery": {"kind": "kubernetes", "port": 8000}})
     with pytest.raises(ValueError, match="dns_name"):
         RouterConfig.model_validate({"discovery": {"kind": "dns"}})
+
+
+async def test_kubernetes_outside_a_pod_without_api_server_fails_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    config = RouterConfig.model_validate({"discovery": {"kind": "kubernetes", "label_selector": "app=x", "port": 1}})
+    with pytest.raises(RuntimeError, match="api_server"):
+        await Discovery(config, Fleet(config)).start()
