@@ -109,7 +109,12 @@ def decode_payload(payload: bytes) -> EventBatch:
     try:
         return _fast(payload)
     except (msgspec.DecodeError, msgspec.ValidationError, DecodeError):
-        pass  # not the current vLLM layout: take the defensive path, which also names the fault
+        # not the current vLLM layout: take the defensive path, which also names the fault
+        return decode_payload_defensively(payload)
+
+
+def decode_payload_defensively(payload: bytes) -> EventBatch:
+    """Every layout any vLLM version sent, field by field (slower than the typed fast path)."""
     try:
         raw = _decoder.decode(payload)
     except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:
