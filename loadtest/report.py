@@ -115,6 +115,17 @@ def markdown(results: Sequence[RunResult], images: Sequence[Path], title: str | 
            "Per engine, *busy* is the mean number of requests running or waiting there and *hit* its own "
            "counters' hit rate.", "",
            "## Per engine", "", _engine_table(results), ""]
+    predicted = [r for r in results if r.summary.get("predicted_requests")]
+    if predicted:
+        out += ["## Router predictions", "",
+                "| arm | requests with a prediction | predicted tokens | engine-cached tokens | stale (predicted > cached) |",
+                "|---|---:|---:|---:|---:|"]
+        for r in predicted:
+            s = r.summary
+            stale = s["stale_predictions"] / s["predicted_requests"]
+            out.append(f"| {r.name} | {s['predicted_requests']} | {s['predicted_tokens']} | "
+                       f"{s['predicted_cached_tokens']} | {s['stale_predictions']} ({_pct(stale)}) |")
+        out.append("")
     busy_client = [r.name for r in results if r.summary.get("client_cpu_share", 0.0) > 0.8]
     if busy_client:
         out += [f"**Warning:** the load generator used more than 80% of a core during {busy_client}; its "

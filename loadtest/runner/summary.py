@@ -85,8 +85,12 @@ def summarize(records: Sequence[RequestRecord], engines: Sequence[EngineUsage], 
         "hit_rate_counters": hits / queries if queries else None,
         "ceiling": ceiling_rate,
         "of_ceiling": hit_usage / ceiling_rate if hit_usage is not None and ceiling_rate else None,
+        # The router's prediction (x-cache-router-matched-tokens) against what the engine then reported:
+        # a request whose prediction exceeds the engine's cached tokens is a stale hit.
+        "predicted_requests": len(predicted),
         "predicted_tokens": sum(r.matched_tokens or 0 for r in predicted),
         "predicted_cached_tokens": sum(r.cached_tokens or 0 for r in predicted),
+        "stale_predictions": sum(1 for r in predicted if (r.matched_tokens or 0) > (r.cached_tokens or 0)),
         "engine_requests": reqs,
         "engine_requests_source": source,
         "engine_busy": busy,

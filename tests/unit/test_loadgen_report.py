@@ -44,7 +44,8 @@ def test_summary_figures_follow_from_the_records() -> None:
     assert s["load_balance"] == 6 / 5 and s["busy_balance"] == 3 / 2
     assert abs(s["ttft_s"]["p50"] - 0.05) < 1e-9  # ttfts 10..90 ms, median 50 ms
     assert s["throughput_rps"] == 4.5 and s["output_tokens_per_s"] == 36.0
-    assert s["predicted_tokens"] == 9 * 48
+    assert s["predicted_tokens"] == 9 * 48 and s["predicted_requests"] == 9
+    assert s["stale_predictions"] == 0  # predicted 48 <= cached 50 on every request
 
 
 def test_report_files_round_trip(tmp_path: Path) -> None:
@@ -55,6 +56,7 @@ def test_report_files_round_trip(tmp_path: Path) -> None:
     text = paths["markdown"].read_text()
     assert "| cache_aware | 9/10 | http_503:1 | 50.0% | 50.0% | 60.0% | 83.3% |" in text
     assert "cmp-ttft.png" in text and E2 in text
+    assert "| cache_aware | 9 | 432 | 450 | 0 (0.0%) |" in text
     again = load_results(paths["json"])
     assert [r.name for r in again] == ["round_robin", "cache_aware"]
     assert again[1].records[3].ttft_s == results[1].records[3].ttft_s
