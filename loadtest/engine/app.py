@@ -29,24 +29,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from loadtest.engine.cache import as_int
 from loadtest.engine.engine import Engine
 from loadtest.engine.metrics import CONTENT_TYPE, exposition, make_registry
-from router.hashing.tokenizer import ModelTokenizer, TemplateError
-
-# A chat prompt this long is tokenized off the event loop, so other engines in the process keep going.
-_OFFLOAD_CHARS = 20_000
-
-
-class ApiError(Exception):
-    def __init__(
-        self, status: int, message: str, type_: str = "BadRequestError", param: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
-
-    def response(self) -> Response:
-        body = {
-            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}
-        }
-        return json_response(body, self.status)
+from loadtest.engine.request import ApiError, RequestParser, load_json
+from router.hashing.tokenizer import ModelTokenizer
 
 
 class StreamCut(Exception):
@@ -70,13 +54,8 @@ def json_response(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status, media_type="application/json")
 
 
-def _int_field(body: dict[str, Any], name: str, default: int | None, low: int, high: int) -> int | None:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ApiError(400, f"{name} must be an integer in [{low}, {high}]", param=name)
-    return value
+def error_response(err: ApiError) -> Response:
+    return Response(err.body(), err.status, media_type="application/json")
 
 
 class EngineApp:
@@ -84,7 +63,7 @@ class EngineApp:
 
     def __init__(self, engine: Engine, tokenizer: ModelTokenizer) -> None:
         self.engine = engine
-        self.tokenizer = tokenizer
+        self.parser = RequestParser(engine, tokenizer)
         self.registry = make_registry(engine)
         self.app = _CutQuietly(
             Starlette(
@@ -183,11 +162,12 @@ class EngineApp:
 
     async def sim_faults(self, request: Request) -> Response:
         if request.method == "POST":
-            body = await self._json(request)
             try:
-                self.engine.faults.update(body)
+                self.engine.faults.update(load_json(await request.body()))
+            except ApiError as err:
+                return error_response(err)
             except ValueError as exc:
-                return ApiError(400, str(exc)).response()
+                return error_response(ApiError(400, str(exc)))
         return json_response(self.engine.faults.to_dict())
 
     async def sim_restart(self, request: Request) -> Response:
@@ -195,47 +175,35 @@ class EngineApp:
         try:
             seconds = float(downtime)
         except ValueError:
-            return ApiError(400, "downtime_s must be a number").response()
+            return error_response(ApiError(400, "downtime_s must be a number"))
         self.engine.restart()
         self.engine.faults.down_until = time.monotonic() + max(0.0, seconds)
         return json_response({"restarted": True, "start_time": self.engine.start_time})
 
     # --- generation --------------------------------------------------------------------
-    async def _json(self, request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        return body
-
     async def _generate(self, request: Request, *, chat: bool) -> Response:
         engine = self.engine
         try:
             if engine.faults.down:
                 raise ApiError(503, "engine is restarting", "ServiceUnavailableError")
-            body = await self._json(request)
-            parsed = await self._parse(body, chat=chat)
+            req = await self.parser.parse(load_json(await request.body()), chat=chat)
         except ApiError as err:
-            return err.response()
+            return error_response(err)
         if engine.faults.should_fail(engine.rng):
             engine.stats.requests_failed += 1
-            return ApiError(
-                engine.faults.error_status, "simulated engine failure", "InternalServerError"
-            ).response()
+            return error_response(
+                ApiError(engine.faults.error_status, "simulated engine failure", "InternalServerError")
+            )
         await engine.faults.wait_while_hung()  # the client's timeout or disconnect ends it
-        prompt, max_tokens, lora, salt, seed, stream, include_usage = parsed
-        run = engine.start(prompt, max_tokens, lora_name=lora, salt=salt, seed=seed)
+        run = engine.start(req.prompt, req.max_tokens, lora_name=req.lora_name, salt=req.salt, seed=req.seed)
         meta = {
             "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
             "created": int(time.time()),
-            "model": body["model"],
+            "model": req.model,
         }
-        if stream:
+        if req.stream:
             return StreamingResponse(
-                self._stream(run, meta, chat, include_usage), media_type="text/event-stream"
+                self._stream(run, meta, chat, req.include_usage), media_type="text/event-stream"
             )
         ok = False
         try:
@@ -244,7 +212,7 @@ class EngineApp:
                 await run.next_token()
             ok = True
         except ConnectionAbortedError:  # EngineRestarted, or cut while waiting for a slot
-            return ApiError(503, "engine restarted", "ServiceUnavailableError").response()
+            return error_response(ApiError(503, "engine restarted", "ServiceUnavailableError"))
         finally:
             run.close(ok)
         text = "".join(engine.vocab.text[t] for t in run.generated)
@@ -316,86 +284,6 @@ class EngineApp:
             ok = True
         finally:
             run.close(ok)
-
-    async def _parse(self, body: dict[str, Any], *, chat: bool) -> tuple[Any, ...]:
-        engine = self.engine
-        model = body.get("model")
-        if model is None:
-            model = engine.model
-            body["model"] = model
-        if not isinstance(model, str):
-            raise ApiError(400, "model must be a string", param="model")
-        if model not in engine.served_models:
-            raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
-        lora = model if model != engine.model else None
-        salt = body.get("cache_salt")
-        if salt is not None and (not isinstance(salt, str) or not salt):
-            raise ApiError(400, "cache_salt must be a non-empty string", param="cache_salt")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError(400, "stream must be a boolean", param="stream")
-        options = body.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            raise ApiError(400, "stream_options must be an object", param="stream_options")
-        include_usage = bool(options and options.get("include_usage"))
-        _int_field(body, "n", 1, 1, 1)
-        seed = _int_field(body, "seed", None, -(2**63), 2**63 - 1)
-        limit = engine.config.max_model_len
-        max_tokens = _int_field(body, "max_tokens", None, 1, limit)
-        if chat and max_tokens is None:
-            max_tokens = _int_field(body, "max_completion_tokens", None, 1, limit)
-        max_tokens = max_tokens or engine.config.default_max_tokens
-        prompt = await (self._chat_prompt(body) if chat else self._completion_prompt(body))
-        if not prompt:
-            raise ApiError(400, "the prompt is empty", param="prompt")
-        if len(prompt) + max_tokens > limit:
-            raise ApiError(
-                400,
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the messages, {max_tokens} in "
-                "the completion).",
-            )
-        if not engine.fits(len(prompt), max_tokens):
-            raise ApiError(400, "prompt and max_tokens exceed this engine's KV cache", param="max_tokens")
-        return prompt, max_tokens, lora, salt, seed, stream, include_usage
-
-    async def _completion_prompt(self, body: dict[str, Any]) -> list[int]:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, str):
-            if len(prompt) > _OFFLOAD_CHARS:
-                return await asyncio.to_thread(self.tokenizer.encode_completion, prompt)
-            return self.tokenizer.encode_completion(prompt)
-        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            vocab = self.engine.vocab.size
-            if any(not 0 <= t < vocab for t in prompt):
-                raise ApiError(400, f"token ids must be in [0, {vocab})", param="prompt")
-            return list(prompt)
-        raise ApiError(
-            400, "prompt must be a string or a list of token ids (one prompt per request)", param="prompt"
-        )
-
-    async def _chat_prompt(self, body: dict[str, Any]) -> list[int]:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "messages must be a non-empty list", param="messages")
-        size = 0
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise ApiError(400, "each message must be an object with a string role", param="messages")
-            content = m.get("content")
-            if not isinstance(content, str | list | None):
-                raise ApiError(
-                    400, "message content must be a string, a list of parts or null", param="messages"
-                )
-            size += len(content) if isinstance(content, str) else 0
-        try:
-            if size > _OFFLOAD_CHARS:
-                return await asyncio.to_thread(self.tokenizer.encode_chat, messages)
-            return self.tokenizer.encode_chat(messages)
-        except TemplateError as exc:
-            raise ApiError(400, str(exc), param="messages") from None
 
 
 def _usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
