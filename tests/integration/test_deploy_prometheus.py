@@ -93,8 +93,8 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
-def scraped_run() -> Iterator[tuple[Prometheus, float]]:
-    """Router + engines + Prometheus, a short load; yields (prometheus, a time inside the load)."""
+def scraped_run() -> Iterator[tuple[Prometheus, float, list[str]]]:
+    """Router + engines + Prometheus, a short load; yields (prometheus, a time inside the load, engine urls)."""
     redis = RedisServer().start()
     with contextlib.ExitStack() as stack:
         stack.callback(redis.stop)
@@ -119,7 +119,7 @@ def scraped_run() -> Iterator[tuple[Prometheus, float]]:
                 assert load.returncode == 0, load.stdout[-2000:] + load.stderr[-2000:]
                 at = time.time() - 1.0
                 time.sleep(2.5)  # the last scrapes and a rule evaluation land
-                yield prom, at
+                yield prom, at, fleet.urls
             finally:
                 prom.stop()
 
@@ -129,8 +129,8 @@ def series_exist(prom: Prometheus, name: str, at: float) -> bool:
     return result["status"] == "success" and bool(result["data"]["result"])
 
 
-def test_every_dashboard_query_returns_data(scraped_run: tuple[Prometheus, float]) -> None:
-    prom, at = scraped_run
+def test_every_dashboard_query_returns_data(scraped_run: tuple[Prometheus, float, list[str]]) -> None:
+    prom, at, _ = scraped_run
     empty: list[str] = []
     absent: set[str] = set()
     checked = 0
@@ -151,9 +151,10 @@ def test_every_dashboard_query_returns_data(scraped_run: tuple[Prometheus, float
     assert checked >= 0.75 * len(dashboard_targets()), "most panels must show data from a plain load"
 
 
-def test_core_panels_show_the_load(scraped_run: tuple[Prometheus, float]) -> None:
-    """Not just any data: the load shows up where an operator looks first."""
-    prom, at = scraped_run
+def test_core_panels_show_the_load(scraped_run: tuple[Prometheus, float, list[str]]) -> None:
+    """Not just any data: the load shows up where an operator looks first. (Series of other tests'
+    replicas may share this process's registry: look at this run's replicas.)"""
+    prom, at, urls = scraped_run
     w = RATE_WINDOW
 
     def values(expr: str) -> dict[str, float]:
@@ -161,9 +162,9 @@ def test_core_panels_show_the_load(scraped_run: tuple[Prometheus, float]) -> Non
         return {",".join(f"{k}={v}" for k, v in sorted(r["metric"].items())): float(r["value"][1]) for r in result}
 
     per_backend = values(f"sum by (backend) (rate(cache_router_requests_total[{w}]))")
-    assert len(per_backend) == 3 and all(v > 0 for v in per_backend.values()), per_backend
+    assert all(per_backend.get(f"backend={u}", 0) > 0 for u in urls), per_backend
     arms = values(f"sum by (arm) (rate(cache_router_prompt_tokens_total[{w}]))")
-    assert set(arms) == {"arm=baseline", "arm=main"}, arms
+    assert arms.get("arm=baseline", 0) > 0 and arms.get("arm=main", 0) > 0, arms
     hit = values(f"sum(rate(cache_router_engine_cached_tokens_total[{w}])) "
                  f"/ sum(rate(cache_router_prompt_tokens_total[{w}]))")
     assert 0 < next(iter(hit.values())) <= 1, hit
@@ -171,8 +172,8 @@ def test_core_panels_show_the_load(scraped_run: tuple[Prometheus, float]) -> Non
     assert "type=BlockStored" in events, events
 
 
-def test_every_alert_rule_evaluates_without_error(scraped_run: tuple[Prometheus, float]) -> None:
-    prom, at = scraped_run
+def test_every_alert_rule_evaluates_without_error(scraped_run: tuple[Prometheus, float, list[str]]) -> None:
+    prom, at, _ = scraped_run
     for rule in alert_rules():
         result = prom.query(rule["expr"], at)
         assert result["status"] == "success", f"{rule['alert']}: {result.get('error')}"
