@@ -240,6 +240,7 @@ class EngineApp:
     ) -> AsyncIterator[bytes]:
         engine = self.engine
         die_after = engine.faults.die_after_tokens
+        stall_after = engine.faults.stall_after_tokens
         obj = "chat.completion.chunk" if chat else "text_completion"
         extra: dict[str, Any] = {"usage": None} if include_usage else {}
         ok = False
@@ -258,6 +259,8 @@ class EngineApp:
                 token = run.generated[-1]
                 if die_after is not None and sent >= die_after:
                     raise StreamCut("simulated engine death mid-stream")
+                if stall_after is not None and sent >= stall_after:
+                    await asyncio.Event().wait()  # silent until the client gives up and disconnects
                 finish = "length" if run.done else None
                 piece = engine.vocab.text[token]
                 choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}

@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.connections} connections, {args.duration}s per run, max_tokens={args.max_tokens}"
     )
     print(
+        f"load average before: {os.getloadavg()[0]:.2f} (other work on this machine skews req/s; req/CPU-s less so)"
+    )
+    print(
         f"{'mode':<10}{'engines':>8}{'idle CPU':>10}{'req/s':>10}{'host CPU':>10}{'req/CPU-s':>11}"
         f"{'errors':>8}{'hit rate':>10}"
     )
@@ -141,4 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['per_cpu_s']:>11.0f}{r['errors']:>8.0f}{r['hit']:>10.2f}",
                 flush=True,
             )
+    print(
+        f"load average after: {os.getloadavg()[0]:.2f}; req/CPU-s = requests/s divided by the host's CPU share"
+    )
     return 0

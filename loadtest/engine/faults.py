@@ -27,6 +27,8 @@ class Faults:
     """Generation requests are accepted and then never answered (until switched off)."""
     die_after_tokens: int | None = None
     """A stream is cut (connection dropped, no [DONE]) after this many tokens."""
+    stall_after_tokens: int | None = None
+    """A stream goes silent after this many tokens, connection open (an idle-stream timeout's case)."""
     health_delay_s: float = 0.0
     """GET /health answers only after this long (a slow probe)."""
     health_fail: bool = False
@@ -75,9 +77,9 @@ def _check(name: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be a boolean")
         return value
-    if name == "die_after_tokens":
+    if name in ("die_after_tokens", "stall_after_tokens"):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError("die_after_tokens must be a non-negative integer or null")
+            raise ValueError(f"{name} must be a non-negative integer or null")
         return value
     if name == "error_status":
         if isinstance(value, bool) or not isinstance(value, int) or not 400 <= value <= 599:
@@ -98,6 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--error-status", type=int, default=500)
     group.add_argument("--hang", action="store_true", help="accept requests and never answer")
     group.add_argument("--die-after-tokens", type=int, default=None, help="cut every stream after N tokens")
+    group.add_argument(
+        "--stall-after-tokens", type=int, default=None, help="streams go silent after N tokens"
+    )
     group.add_argument("--health-delay", type=float, default=0.0, help="seconds before /health answers")
     group.add_argument("--health-fail", action="store_true", help="/health answers 503")
 
@@ -110,6 +115,7 @@ def from_args(args: argparse.Namespace) -> Faults:
             "error_status": args.error_status,
             "hang": args.hang,
             "die_after_tokens": args.die_after_tokens,
+            "stall_after_tokens": args.stall_after_tokens,
             "health_delay_s": args.health_delay,
             "health_fail": args.health_fail,
         }

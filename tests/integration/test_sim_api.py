@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -181,7 +182,16 @@ def test_faults_and_restart() -> None:
         fleet.set_faults(0, error_rate=0.0, die_after_tokens=2)
         with pytest.raises(httpx.RemoteProtocolError):
             http.post(url + "/v1/completions", json={**body, "stream": True}).read()
-        fleet.set_faults(0, die_after_tokens=None, hang=True)
+        fleet.set_faults(0, die_after_tokens=None, stall_after_tokens=2)
+        lines = []
+        with (
+            pytest.raises(httpx.ReadTimeout),
+            http.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=0.5) as r,
+        ):
+            for line in r.iter_lines():
+                lines.append(line)
+        assert len([x for x in lines if x.startswith("data: {")]) == 2
+        fleet.set_faults(0, stall_after_tokens=None, hang=True)
         with pytest.raises(httpx.ReadTimeout):
             http.post(url + "/v1/completions", json=body, timeout=0.3)
         fleet.set_faults(0, hang=False, health_fail=True)
@@ -214,3 +224,28 @@ def test_process_mode_fleet_serves_and_dies() -> None:
         fleet.kill()
         with pytest.raises(httpx.ConnectError):
             http.get(fleet.urls[0] + "/health")
+
+
+def test_a_miss_costs_prefill_time_a_hit_does_not() -> None:
+    # 0.05 ms per uncached token: a 1500-token miss takes ~75 ms of prefill, a hit ~1 ms.
+    timing = ["--prefill-ms-per-token", "0.05", "--prefill-base-ms", "1", "--decode-ms", "1"]
+    with (
+        SimFleet(1, zero=False, extra_args=timing) as fleet,
+        httpx.Client(trust_env=False, timeout=10) as http,
+    ):
+        url = fleet.urls[0] + "/v1/completions"
+
+        def ttft(prompt: list[int]) -> float:
+            t0 = time.monotonic()
+            with http.stream("POST", url, json={"prompt": prompt, "max_tokens": 4, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        return time.monotonic() - t0
+            raise AssertionError("no token arrived")
+
+        prompt = list(range(10, 1510))
+        miss = ttft(prompt)
+        hit = ttft(prompt)
+        assert miss >= 0.07
+        assert hit < miss - 0.04
+        assert fleet.stats(0)["prefill_seconds"] >= 0.075
