@@ -25,14 +25,17 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import zmq.asyncio
 
 from router import metrics
 from router.config import BackendConfig, RouterConfig
 from router.events.applier import ReplicaApplier
 from router.events.decode import DecodeError, decode_message
+from router.events.selfcheck import SelfCheckResult, self_check
 from router.events.subscriber import EventSocket, Frames, ReplayClient
 from router.fleet.backend import Backend
+from router.hashing.tokenizer import ModelTokenizer
 from router.index.base import BlockIndex, IndexUnavailable
 from router.types import BackendId
 
@@ -42,6 +45,8 @@ QUEUE_MESSAGES = 10_000
 """Per-replica backlog; beyond it messages are dropped and recovered by replay (see EventSocket)."""
 WATCHDOG_INTERVAL_S = 1.0
 FOLLOW_INTERVAL_S = 2.0
+SELFCHECK_WAIT_S = 60.0
+"""How long the self-check waits for a replica to turn healthy with a known model before giving up."""
 
 Control = Callable[[], Coroutine[Any, Any, None]]
 
@@ -69,6 +74,10 @@ class EventIngest:
         self._bound: EventSocket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._unrouted_warned: set[bytes] = set()
+        self._http: httpx.AsyncClient | None = None
+        self._tokenizers: dict[str, ModelTokenizer] = {}
+        self.selfchecks: dict[BackendId, SelfCheckResult] = {}
+        """The start-up self-check's verdict per replica (absent: not run or not finished)."""
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -77,6 +86,8 @@ class EventIngest:
             log.info("kv events: index.mode is approximate: not ingesting events")
             return
         self._ctx = zmq.asyncio.Context()
+        if self.config.index.selfcheck and self.config.tokenizer is not None:
+            self._http = httpx.AsyncClient(timeout=10.0)
         if self.config.kv_events_bind:
             self._bound = EventSocket(self._ctx, self.config.kv_events_bind, bind=True,
                                       route=self._route_topic, on_unrouted=self._unrouted)
@@ -101,6 +112,9 @@ class EventIngest:
         if self._bound is not None:
             self._bound.close()
             self._bound = None
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
@@ -130,6 +144,8 @@ class EventIngest:
             log.info("kv events: %s: topic %r on the bound endpoint (replay %s)", backend.id, cfg.kv_topic,
                      cfg.kv_replay)
         self._spawn(rep.tasks, self._worker(rep), f"kv-events-apply:{backend.id}")
+        if self._http is not None:
+            self._spawn(rep.tasks, self._selfcheck(rep), f"kv-selfcheck:{backend.id}")
         return True
 
     async def remove_backend(self, rid: BackendId) -> None:
@@ -176,6 +192,47 @@ class EventIngest:
             except Exception:  # one bad batch must not end the replica's ingestion
                 log.exception("kv events: %s: failed to apply a batch", rid)
                 rep.applier.lost_writes()
+
+    async def _selfcheck(self, rep: _Replica) -> None:
+        applier, backend = rep.applier, rep.applier.backend
+        deadline = self._clock() + SELFCHECK_WAIT_S
+        while not (backend.healthy and backend.base_model):
+            if self._clock() > deadline:
+                log.warning("selfcheck: %s not healthy with a known model after %.0fs: not checked",
+                            backend.id, SELFCHECK_WAIT_S)
+                return
+            await asyncio.sleep(0.2)
+        model = backend.base_model
+        tokenizer = await self._tokenizer_for(model)
+        if tokenizer is None or self._http is None:
+            return
+        block_size = self._block_size_of(rep.cfg, backend)()
+        result = await self_check(applier, tokenizer, self._http, model=model, block_size=block_size)
+        self.selfchecks[backend.id] = result
+        if result.ok:
+            log.info("selfcheck: %s: router keys equal the engine's (%s): precise mode on", backend.id,
+                     result.detail)
+        elif result.probed:
+            log.error("selfcheck: %s: precise mode REFUSED, cause: %s: %s", backend.id, result.cause,
+                      result.detail)
+            applier.disable(f"selfcheck: {result.cause}")
+            with contextlib.suppress(IndexUnavailable):
+                await self.index.clear(backend.id)  # what its events wrote can never match
+        else:
+            log.warning("selfcheck: %s could not be checked: %s", backend.id, result.detail)
+
+    async def _tokenizer_for(self, model: str) -> ModelTokenizer | None:
+        model_cfg = self.config.models.get(model)
+        directory = (model_cfg.tokenizer if model_cfg is not None else None) or self.config.tokenizer
+        if directory is None:
+            return None
+        if directory not in self._tokenizers:
+            try:
+                self._tokenizers[directory] = await asyncio.to_thread(ModelTokenizer.from_dir, directory)
+            except Exception as exc:  # the gateway reports a bad tokenizer directory at start
+                log.warning("selfcheck: cannot load tokenizer %s: %s", directory, exc)
+                return None
+        return self._tokenizers[directory]
 
     async def _watchdog(self) -> None:
         silence = self.config.index.events_silence_s
@@ -239,16 +296,17 @@ class EventIngest:
 
     def _block_size_of(self, cfg: BackendConfig, backend: Backend) -> Callable[[], int]:
         config = self.config
+        pinned = "block_size" in config.model_fields_set
 
         def block_size() -> int:
-            # Same order the request path uses: the replica's own, its model's, the global default.
-            if cfg.block_size:
-                return cfg.block_size
-            if backend.block_size:
-                return backend.block_size
+            # The block size the request path keys this replica's model with (router.pipeline's
+            # rule): the model's own, else the one learned from the engine unless the top-level
+            # block_size is set explicitly, else the top-level default.
             model = config.models.get(backend.base_model or "")
             if model is not None and model.block_size:
                 return model.block_size
+            if not pinned and backend.block_size:
+                return backend.block_size
             return config.block_size
 
         return block_size
