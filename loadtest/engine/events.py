@@ -8,6 +8,8 @@ Wire format (fact sheet, checked against vLLM 0.32.0):
 - events: msgpack maps tagged ``"type"`` with fields equal to their default left out
   (``positional=True``: the older ``["BlockStored", field, ...]`` arrays);
 - block hashes: uint64, the low 8 bytes of the digest (``int_hashes=False``: the digest bytes);
+- ``extra_keys``: one entry per block, what the engine hashed into it: ``[lora_name?, salt?]``
+  with the LoRA name on every block and the salt on block 0 only, None for plain text;
 - replay: a ROUTER the engine binds; a DEALER sends ``[b"", start_seq]`` and gets
   ``[b"", topic, seq, payload]`` per buffered batch, then ``[b"", topic, -1, b""]``.
 
@@ -31,7 +33,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from loadtest.engine.cache import CacheEvent, Cleared, Removed, Stored, as_int
+from loadtest.engine.cache import CacheEvent, Cleared, Removed, Stored, as_int, extra_keys
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +115,13 @@ class Encoder:
 
     def event(self, ev: CacheEvent) -> msgspec.Struct:
         if isinstance(ev, Stored):
-            extra: list[list[str] | None] | None = None
-            if ev.salt is not None:
-                extra = [[ev.salt]] + [None] * (len(ev.digests) - 1)
+            # One entry per block, as the engine hashed it: the LoRA name on every block, the
+            # salt on block 0 (a run with no parent starts at block 0); None for plain text.
+            first = 0 if ev.parent is None else 1
+            extra: list[list[str] | None] = []
+            for j in range(len(ev.digests)):
+                keys = extra_keys(first + j, ev.lora_name, ev.salt)
+                extra.append(list(keys) if keys else None)
             stored = BlockStoredArray if self.positional else BlockStored
             return stored(
                 block_hashes=[self._hash(d) for d in ev.digests],

@@ -45,7 +45,13 @@ def test_lora_name_and_parent_are_carried() -> None:
     (stored,) = decode(Encoder(4).batch([Stored([D[1]], D[0], [4, 5, 6, 7], "ad1", None)]))
     assert isinstance(stored, dict)
     assert stored["lora_name"] == "ad1" and stored["parent_block_hash"] == as_int(D[0])
-    assert "extra_keys" not in stored
+    assert stored["extra_keys"] == [["ad1"]]  # vLLM hashes the LoRA name into every block
+
+
+def test_lora_and_salt_on_block_zero_in_vllm_order() -> None:
+    (stored,) = decode(Encoder(4).batch([Stored(D, None, list(range(8)), "ad1", "s")]))
+    assert isinstance(stored, dict)
+    assert stored["extra_keys"] == [["ad1", "s"], ["ad1"]]
 
 
 def test_positional_events_with_bytes_hashes() -> None:
@@ -54,7 +60,7 @@ def test_positional_events_with_bytes_hashes() -> None:
         enc.batch([Stored(D, None, list(range(8)), None, None), Removed(D[0]), Cleared()])
     )
     # msgspec writes every field of an array-like struct (omit_defaults applies to maps only), as vLLM did
-    assert stored == ["BlockStored", D, None, list(range(8)), 4, None, "GPU", None, None]
+    assert stored == ["BlockStored", D, None, list(range(8)), 4, None, "GPU", None, [None, None]]
     assert removed == ["BlockRemoved", [D[0]], "GPU"]
     assert cleared == ["AllBlocksCleared"]
     assert int.from_bytes(D[0][-8:], "big") == as_int(D[0])  # the bytes form's last 8 bytes are the int form
