@@ -61,9 +61,14 @@ class SpecPublisher:
 
     async def wait_subscribed(self, within_s: float = 5.0) -> None:
         """Wait for a subscriber (XPUB delivers its subscription): avoids ZMQ's slow-joiner loss."""
-        if not await self.pub.poll(int(within_s * 1000), zmq.POLLIN):
-            raise TimeoutError("no subscriber connected")
-        await self.pub.recv_multipart()
+        deadline = time.monotonic() + within_s
+        while True:  # skip unsubscribe notices (b"\x00...") of subscribers that went away
+            left = deadline - time.monotonic()
+            if left <= 0 or not await self.pub.poll(int(left * 1000), zmq.POLLIN):
+                raise TimeoutError("no subscriber connected")
+            frames = await self.pub.recv_multipart()
+            if frames and frames[0][:1] == b"\x01":
+                return
 
     # ---- events -----------------------------------------------------------------------------
 

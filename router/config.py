@@ -123,6 +123,11 @@ class IndexConfig(_Section):
     A decoding engine stores a block every block_size tokens, so a busy one is never silent for 30 s."""
     selfcheck: bool = True
     """Precise mode: probe each replica at start and refuse precise mode when its keys disagree."""
+    events_election: bool = True
+    """Precise mode with redis_url: one router (holding a lease in Redis) ingests events for all,
+    so N routers do not write every event N times; False: every router ingests (idempotent)."""
+    events_lease_s: float = Field(default=5.0, gt=0)
+    """The ingester's lease; a dead ingester is replaced within about this long (replay fills the gap)."""
     cluster: bool = False
     """redis_url names a node of a Redis Cluster (a ``redis+cluster://`` URL implies it too)."""
 

@@ -6,11 +6,13 @@ applies that replica's messages strictly in order (``ReplicaApplier``). Around t
 watchdog (an engine that serves requests but stopped sending events loses precise mode)
 and a follower that drops replicas the fleet removed and picks up configured ones it added.
 
-Who ingests when several routers share one Redis index: every router ingests every
-engine it is configured for. Writes are idempotent (record refreshes the same keys,
-remove and clear of absent keys are no-ops), so N routers converge on the same index
-and a dead router costs nothing, at the price of N-fold Redis writes. ``router.events.leader``
-(when enabled) narrows that to one elected ingester, see its docstring.
+Who ingests when several routers share one Redis index: by default (``index.events_election``)
+one router, elected with a Redis lease (``router.events.leader``): it ingests every engine's
+events and publishes which replicas are precise; the others only follow those flags, and
+take over within the lease's expiry when it dies. Without Redis, or with the election off,
+every router ingests every engine it is configured for: writes are idempotent (record
+refreshes the same keys, remove and clear of absent keys are no-ops), so N routers converge
+on the same index, at the price of N-fold writes.
 
 Nothing starts at import or construction; ``start()``/``stop()`` are called by the app's lifespan.
 """
@@ -32,11 +34,13 @@ from router import metrics
 from router.config import BackendConfig, RouterConfig
 from router.events.applier import ReplicaApplier
 from router.events.decode import DecodeError, decode_message
+from router.events.leader import IngestLease
 from router.events.selfcheck import SelfCheckResult, self_check
 from router.events.subscriber import EventSocket, Frames, ReplayClient
 from router.fleet.backend import Backend
 from router.hashing.tokenizer import ModelTokenizer
 from router.index.base import BlockIndex, IndexUnavailable
+from router.index.redis import connect
 from router.types import BackendId
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,8 @@ QUEUE_MESSAGES = 10_000
 """Per-replica backlog; beyond it messages are dropped and recovered by replay (see EventSocket)."""
 WATCHDOG_INTERVAL_S = 1.0
 FOLLOW_INTERVAL_S = 2.0
+LEASE_CALL_MS = 500.0
+"""Deadline of each lease call: off the request path, and well under the lease's renew interval."""
 SELFCHECK_WAIT_S = 60.0
 """How long the self-check waits for a replica to turn healthy with a known model before giving up."""
 
@@ -72,7 +78,10 @@ class EventIngest:
         self._replicas: dict[BackendId, _Replica] = {}
         self._by_topic: dict[bytes, _Replica] = {}
         self._bound: EventSocket | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []  # election (or nothing): lives from start to stop
+        self._ingest_tasks: list[asyncio.Task[None]] = []  # sockets, watchdog, follower: while ingesting
+        self._lease: IngestLease | None = None
+        self._lease_warned_at = float("-inf")
         self._unrouted_warned: set[bytes] = set()
         self._http: httpx.AsyncClient | None = None
         self._tokenizers: dict[str, ModelTokenizer] = {}
@@ -88,36 +97,112 @@ class EventIngest:
         self._ctx = zmq.asyncio.Context()
         if self.config.index.selfcheck and self.config.tokenizer is not None:
             self._http = httpx.AsyncClient(timeout=10.0)
-        if self.config.kv_events_bind:
-            self._bound = EventSocket(self._ctx, self.config.kv_events_bind, bind=True,
-                                      route=self._route_topic, on_unrouted=self._unrouted)
-            self._spawn(self._tasks, self._bound.run(), "kv-events-bound-sub")
-            log.info("kv events: bound SUB on %s", self.config.kv_events_bind)
-        for backend in self.fleet.backends():
-            cfg = self._config_for(backend.id)
-            if cfg is not None:
-                self.add_backend(cfg, backend)
         if hasattr(self.fleet, "on_restart"):
             self.fleet.on_restart(self._fleet_restart)
-        self._spawn(self._tasks, self._watchdog(), "kv-events-watchdog")
-        self._spawn(self._tasks, self._follow_fleet(), "kv-events-follow-fleet")
+        if self.config.redis_url is not None and self.config.index.events_election:
+            client, _ = connect(self.config.redis_url, deadline_ms=LEASE_CALL_MS,
+                                cluster=True if self.config.index.cluster else None)
+            self._lease = IngestLease(client, namespace=self.config.index.namespace,
+                                      ttl_s=self.config.index.events_lease_s)
+            self._spawn(self._tasks, self._election(), "kv-events-election")
+        else:
+            await self._start_ingesting()
 
-    async def stop(self) -> None:
-        for rid in list(self._replicas):
-            await self.remove_backend(rid)
+    async def stop(self, *, release_lease: bool = True) -> None:
+        """Stop every task; ``release_lease=False`` leaves the lease to expire (as a crash would)."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        if self._bound is not None:
-            self._bound.close()
-            self._bound = None
+        if self._lease is not None:
+            if release_lease and self.ingesting:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._lease.release(), LEASE_CALL_MS / 1000)
+            with contextlib.suppress(Exception):
+                await self._lease.close()
+            self._lease = None
+        await self._stop_ingesting()
         if self._http is not None:
             await self._http.aclose()
             self._http = None
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
+
+    @property
+    def ingesting(self) -> bool:
+        return self._ingest_tasks != []
+
+    async def _start_ingesting(self) -> None:
+        assert self._ctx is not None
+        if self.config.kv_events_bind:
+            self._bound = EventSocket(self._ctx, self.config.kv_events_bind, bind=True,
+                                      route=self._route_topic, on_unrouted=self._unrouted)
+            self._spawn(self._ingest_tasks, self._bound.run(), "kv-events-bound-sub")
+            log.info("kv events: bound SUB on %s", self.config.kv_events_bind)
+        for backend in self.fleet.backends():
+            cfg = self._config_for(backend.id)
+            if cfg is not None:
+                self.add_backend(cfg, backend)
+        self._spawn(self._ingest_tasks, self._watchdog(), "kv-events-watchdog")
+        self._spawn(self._ingest_tasks, self._follow_fleet(), "kv-events-follow-fleet")
+
+    async def _stop_ingesting(self) -> None:
+        for rid in list(self._replicas):
+            await self.remove_backend(rid)
+        for task in self._ingest_tasks:
+            task.cancel()
+        await asyncio.gather(*self._ingest_tasks, return_exceptions=True)
+        self._ingest_tasks.clear()
+        if self._bound is not None:
+            self._bound.close()
+            self._bound = None
+
+    async def _election(self) -> None:
+        """Hold or follow the ingester lease (see ``router.events.leader``), forever."""
+        assert self._lease is not None
+        lease, ttl = self._lease, self.config.index.events_lease_s
+        renewed_at = float("-inf")
+        while True:
+            try:
+                held: bool | None = await asyncio.wait_for(lease.acquire_or_renew(), LEASE_CALL_MS / 1000)
+            except Exception as exc:  # Redis down or slow: keep the role until the lease must have expired
+                held = None
+                self._warn_lease(f"cannot reach Redis for the ingester lease: {exc!r}")
+            now = self._clock()
+            if held:
+                renewed_at = now
+                if not self.ingesting:
+                    log.info("kv events: this router is now the ingester (lease %s)", lease.token)
+                    await self._start_ingesting()
+                flags = {rid: rep.applier.backend.precise for rid, rep in self._replicas.items()}
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(lease.publish_precise(flags), LEASE_CALL_MS / 1000)
+            elif held is False or now - renewed_at > ttl:
+                if self.ingesting:
+                    log.warning("kv events: lost the ingester lease: stopping ingestion here")
+                    await self._stop_ingesting()
+                if held is False:
+                    with contextlib.suppress(Exception):
+                        flags = await asyncio.wait_for(lease.read_precise(), LEASE_CALL_MS / 1000)
+                        self._follow_precise(flags)
+            await asyncio.sleep(ttl / 3)
+
+    def _follow_precise(self, flags: dict[str, bool]) -> None:
+        """Copy the ingester's verdicts into this router's Backends (it routes with them)."""
+        for cfg in self.config.backends:
+            if cfg.kv_events is None and cfg.kv_topic is None:
+                continue
+            backend = self.fleet.get(cfg.url)
+            if backend is not None:
+                backend.precise = flags.get(cfg.url, False)
+                metrics.PRECISE_MODE.labels(cfg.url).set(1 if backend.precise else 0)
+
+    def _warn_lease(self, msg: str) -> None:
+        now = self._clock()
+        if now - self._lease_warned_at > 30:  # one line per 30 s while Redis is away
+            self._lease_warned_at = now
+            log.warning("kv events: %s", msg)
 
     def add_backend(self, cfg: BackendConfig, backend: Backend | None = None) -> bool:
         """Start ingesting one replica's events (no-op without an events endpoint); True if started."""
