@@ -9,7 +9,8 @@ Start a fleet for a test (engines on free loopback ports)::
         spec = fleet[0]                 # EngineSpec: url, port, kv_events, kv_connect, kv_replay, kv_topic
         fleet.cache(0)                  # {uint64 hash: {"digest", "parent", "token_ids", "lora_name", "ref_cnt"}}
         fleet.stats(0)                  # requests, prompt/cached/generation tokens, busy_seconds, event_seq, ...
-        fleet.set_faults(0, error_rate=0.5, die_after_tokens=3, hang=False, health_fail=False)
+        fleet.set_faults(0, error_rate=0.5, error_status=503, hang=False, die_after_tokens=3,
+                         stall_after_tokens=None, health_delay_s=0.0, health_fail=False)
         fleet.restart(0)                # empty cache, counters and KV-event seq back to 0
         fleet.reset_prefix_cache(0)     # as vLLM's POST /reset_prefix_cache
 
@@ -19,6 +20,10 @@ Options: ``zero=True`` (default: no simulated time; pass ``zero=False`` and timi
 bound subscriber, topic ``kv-<http port>``), ``kv_bytes_hashes``, ``kv_positional``,
 ``mode="process"`` (a ``python -m loadtest engine`` subprocess: own GIL, ``kill()`` for fault
 tests). Async twins: ``acache``, ``astats``, ``aset_faults``, ``arestart``.
+
+Each engine also answers (not in vLLM, for tests and the load generator): ``GET /sim/cache``,
+``GET /sim/stats``, ``GET|POST /sim/faults``, ``POST /sim/restart?downtime_s=S``.
+One engine per process (to SIGKILL a single replica): ``SimFleet(1, mode="process")`` per replica.
 
 Command line: ``python -m loadtest engine --port P --engines N [--block-size B] [--cache-blocks C]
 [--max-num-seqs S] [--kv-events-port K] [--zero] [--model NAME]`` (``--help`` for the rest).
