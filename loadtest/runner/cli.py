@@ -41,6 +41,8 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--time-scale", type=float, help="mooncake: multiply trace timestamps (0.1 = 10x faster)")
     g.add_argument("--output-scale", type=float, help="mooncake: multiply output lengths")
     g.add_argument("--max-output-tokens", type=int, help="mooncake: cap on max_tokens")
+    g.add_argument("--max-input-tokens", type=int,
+                   help="mooncake: clip longer prompts to N tokens (an engine rejects prompts past its cache)")
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +68,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 def workload_params(args: argparse.Namespace) -> dict[str, Any]:
     names = ("requests", "groups", "system_tokens", "question_tokens", "output_tokens", "turns", "hot_fraction",
              "churn_factor", "capacity_tokens", "trace", "offset", "block_tokens", "time_scale", "output_scale",
-             "max_output_tokens")
+             "max_output_tokens", "max_input_tokens")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 

@@ -19,6 +19,7 @@ class TraceParams:
     time_scale: float = 1.0        # arrival = timestamp x time_scale (0.1 replays ten times faster)
     output_scale: float = 1.0      # max_tokens = output_length x output_scale ...
     max_output_tokens: int = 32    # ... capped here, so a few long answers do not dominate the run
+    max_input_tokens: int | None = None  # clip longer prompts (their prefixes stay shared) to fit small engines
     trace: str | None = None       # a file path; default: the workload's file in the traces folder
 
 
@@ -29,7 +30,10 @@ def build_mooncake(name: str, seed: int, params: TraceParams) -> Workload:
     conversations = []
     for i, rec in enumerate(records):
         out = max(1, min(params.max_output_tokens, round(rec.output_length * params.output_scale)))
-        turn = Turn(token_ids=prompt_token_ids(rec, seed, params.block_tokens), max_tokens=out)
+        ids = prompt_token_ids(rec, seed, params.block_tokens)
+        if params.max_input_tokens is not None:
+            ids = ids[: params.max_input_tokens]
+        turn = Turn(token_ids=ids, max_tokens=out)
         conversations.append(Conversation(i, (turn,), arrival_s=(rec.timestamp_ms - t0) / 1000 * params.time_scale))
     info: dict[str, Any] = asdict(params)
     info.update(trace_file=path.name, size_scale=params.block_tokens / TRACE_BLOCK_TOKENS)

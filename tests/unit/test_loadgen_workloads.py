@@ -131,3 +131,11 @@ def test_mooncake_replay_limits_count_and_scales_time() -> None:
     assert turn.token_ids is not None
     assert len(turn.token_ids) == scaled_input_length(first, 16) == len(first.hash_ids) * 16 - 16 + round(
         (first.input_length - 512 * (len(first.hash_ids) - 1)) * 16 / 512)
+
+
+def test_mooncake_clipping_keeps_the_prefix() -> None:
+    full = build_workload("mooncake", 0, requests=10, block_tokens=32)
+    clipped = build_workload("mooncake", 0, requests=10, block_tokens=32, max_input_tokens=100)
+    for a, b in zip(full.conversations, clipped.conversations, strict=True):
+        ids_a, ids_b = a.turns[0].token_ids or (), b.turns[0].token_ids or ()
+        assert len(ids_b) == min(100, len(ids_a)) and ids_a[: len(ids_b)] == ids_b
