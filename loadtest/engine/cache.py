@@ -166,6 +166,12 @@ class PrefixCache:
         """Free blocks left once ``digests`` (cached hits) are referenced by a request."""
         return len(self._free) - sum(1 for d in digests if self._blocks[self._cached[d]].ref_cnt == 0)
 
+    def ref_count(self, block_id: int) -> int:
+        return self._blocks[block_id].ref_cnt
+
+    def digest_of(self, block_id: int) -> bytes | None:
+        return self._blocks[block_id].digest
+
     def contents(self) -> dict[bytes, CachedBlock]:
         out = {}
         for d, i in self._cached.items():

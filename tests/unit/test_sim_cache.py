@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+from collections import Counter
 
 import pytest
 from hypothesis import given
@@ -209,3 +210,53 @@ def test_reset_refused_while_held_then_clears_everything() -> None:
         isinstance(e, Cleared) for e in cache.take_events()
     )  # the engine sends it with its next step
     assert run(cache, list(range(9))) == 0
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5), st.integers(1, 30)), max_size=60))
+def test_random_operations_keep_the_pool_and_its_events_consistent(ops: list[tuple[int, int, int]]) -> None:
+    """Invariants under any mix of starts, decode steps, finishes and resets."""
+    cache = PrefixCache(12, BS)
+    prefixes = [[7] * 9, [8] * 5, list(range(40, 53)), [7] * 9 + [1, 2, 3]]
+    running: list[SeqBlocks] = []
+    picture: set[bytes] = set()  # what a subscriber would believe, from the events alone
+
+    def drain() -> None:
+        for ev in cache.take_events():
+            if isinstance(ev, Stored):
+                assert ev.parent is None or ev.parent in picture
+                picture.update(ev.digests)
+            elif isinstance(ev, Removed):
+                picture.remove(ev.digest)
+            else:
+                picture.clear()
+
+    for op, which, n in ops:
+        if op == 0:  # start a request if it fits
+            s = seq(cache, prefixes[which % 4][: max(1, n % 14)])
+            hits = cache.lookup(s.digests, s.prompt_len)
+            if cache.free_after_touch(s.digests[:hits]) >= -(-s.prompt_len // BS) - hits:
+                s.schedule_prefill(hits)
+                s.tokens.append(100 + n)
+                running.append(s)
+        elif op == 1 and running:  # one decode step if a block is free when needed
+            s = running[which % len(running)]
+            if len(s.tokens) < len(s.block_ids) * BS or cache.num_free > 0:
+                s.schedule_decode()
+                s.tokens.append(200 + n)
+        elif op == 2 and running:
+            running.pop(which % len(running)).release()
+        elif op == 3 and not running:
+            assert cache.reset()
+            picture.clear()  # the engine sends AllBlocksCleared with its next step
+        drain()
+        held = {i for s in running for i in s.block_ids}
+        assert cache.num_free + len(held) == cache.num_blocks
+        assert set(cache.contents()) == picture
+        holders = Counter(i for s in running for i in s.block_ids)
+        for block_id in range(cache.num_blocks):  # a block's references are exactly its holders
+            assert cache.ref_count(block_id) == holders[block_id]
+        for s in running:  # a block a running request uses keeps its hash: it cannot be evicted
+            for i in range(min(s.committed, len(s.block_ids))):
+                digest = cache.digest_of(s.block_ids[i])
+                assert digest is None or digest == s.digests[i]
+                assert digest is None or digest in picture
