@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,6 @@ EVENT_DRIVEN = {
     "cache_router_kv_event_decode_errors_total", "cache_router_kv_event_gaps_total", "cache_router_kv_replays_total",
     "cache_router_block_size_mismatch_total", "cache_router_block_retention_seconds_bucket",
 }
-RATE_WINDOW = "20s"
 
 
 class Prometheus:
@@ -92,9 +92,19 @@ class Prometheus:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+@dataclass
+class Run:
+    prom: Prometheus
+    at: float
+    """Query time: just after the load ended."""
+    window: str
+    """A rate window covering the whole load, however long this machine took to run it."""
+    urls: list[str]
+
+
 @pytest.fixture(scope="module")
-def scraped_run() -> Iterator[tuple[Prometheus, float, list[str]]]:
-    """Router + engines + Prometheus, a short load; yields (prometheus, a time inside the load, engine urls)."""
+def scraped_run() -> Iterator[Run]:
+    """Router + engines + Prometheus, a short load through them."""
     redis = RedisServer().start()
     with contextlib.ExitStack() as stack:
         stack.callback(redis.stop)
@@ -105,21 +115,24 @@ def scraped_run() -> Iterator[tuple[Prometheus, float, list[str]]]:
         config = router_config(
             backends, tokenizer=str(SIM_MODEL), block_size=16, redis_url=redis.url,
             index={"namespace": f"prom{free_port()}"}, scheduling={"metrics_interval_s": 0.2},
-            experiment={"baseline_fraction": 0.3, "baseline_policy": "round_robin"})
+            experiment={"baseline_fraction": 0.3, "baseline_policy": "round_robin"},
+            # Lenient probes: a busy CI machine must not flap replicas out of this run.
+            health={"interval_s": 0.5, "timeout_s": 2.0, "failure_threshold": 3})
         with running_router(config) as router:
             prom = Prometheus(router.port)
             try:
                 prom.wait_ready()
                 out = Path(prom.dir) / "run.json"
+                started = time.time()
                 load = subprocess.run(
                     [sys.executable, "-m", "loadtest", "run", "--target", router.url, "--workload", "shared_prefix",
-                     "--seed", "7", "--concurrency", "8", "--requests", "600", "--duration", "8",
+                     "--seed", "7", "--concurrency", "8", "--requests", "300", "--duration", "8",
                      "--no-progress", "--out", str(out)],
                     capture_output=True, text=True, timeout=60, cwd=ROOT, env=env_without_proxies())
                 assert load.returncode == 0, load.stdout[-2000:] + load.stderr[-2000:]
-                at = time.time() - 1.0
+                at = time.time()
                 time.sleep(2.5)  # the last scrapes and a rule evaluation land
-                yield prom, at, fleet.urls
+                yield Run(prom, at, f"{int(at - started) + 5}s", fleet.urls)
             finally:
                 prom.stop()
 
@@ -129,13 +142,13 @@ def series_exist(prom: Prometheus, name: str, at: float) -> bool:
     return result["status"] == "success" and bool(result["data"]["result"])
 
 
-def test_every_dashboard_query_returns_data(scraped_run: tuple[Prometheus, float, list[str]]) -> None:
-    prom, at, _ = scraped_run
+def test_every_dashboard_query_returns_data(scraped_run: Run) -> None:
+    prom, at = scraped_run.prom, scraped_run.at
     empty: list[str] = []
     absent: set[str] = set()
     checked = 0
     for title, expr in dashboard_targets():
-        promql = grafana_to_promql(expr, RATE_WINDOW)
+        promql = grafana_to_promql(expr, scraped_run.window)
         result = prom.query(promql, at)
         assert result["status"] == "success", f"{title}: {promql}: {result.get('error')}"
         if result["data"]["result"]:
@@ -151,18 +164,19 @@ def test_every_dashboard_query_returns_data(scraped_run: tuple[Prometheus, float
     assert checked >= 0.75 * len(dashboard_targets()), "most panels must show data from a plain load"
 
 
-def test_core_panels_show_the_load(scraped_run: tuple[Prometheus, float, list[str]]) -> None:
+def test_core_panels_show_the_load(scraped_run: Run) -> None:
     """Not just any data: the load shows up where an operator looks first. (Series of other tests'
     replicas may share this process's registry: look at this run's replicas.)"""
-    prom, at, urls = scraped_run
-    w = RATE_WINDOW
+    prom, at, urls, w = scraped_run.prom, scraped_run.at, scraped_run.urls, scraped_run.window
 
     def values(expr: str) -> dict[str, float]:
         result = prom.query(expr, at)["data"]["result"]
         return {",".join(f"{k}={v}" for k, v in sorted(r["metric"].items())): float(r["value"][1]) for r in result}
 
-    per_backend = values(f"sum by (backend) (rate(cache_router_requests_total[{w}]))")
+    per_backend = values("sum by (backend) (cache_router_requests_total)")
     assert all(per_backend.get(f"backend={u}", 0) > 0 for u in urls), per_backend
+    total = values(f"sum(rate(cache_router_requests_total[{w}]))")
+    assert next(iter(total.values())) > 0, total
     arms = values(f"sum by (arm) (rate(cache_router_prompt_tokens_total[{w}]))")
     assert arms.get("arm=baseline", 0) > 0 and arms.get("arm=main", 0) > 0, arms
     hit = values(f"sum(rate(cache_router_engine_cached_tokens_total[{w}])) "
@@ -172,8 +186,8 @@ def test_core_panels_show_the_load(scraped_run: tuple[Prometheus, float, list[st
     assert "type=BlockStored" in events, events
 
 
-def test_every_alert_rule_evaluates_without_error(scraped_run: tuple[Prometheus, float, list[str]]) -> None:
-    prom, at, _ = scraped_run
+def test_every_alert_rule_evaluates_without_error(scraped_run: Run) -> None:
+    prom, at = scraped_run.prom, scraped_run.at
     for rule in alert_rules():
         result = prom.query(rule["expr"], at)
         assert result["status"] == "success", f"{rule['alert']}: {result.get('error')}"
