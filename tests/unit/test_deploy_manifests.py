@@ -126,6 +126,16 @@ def test_compose_router_config_passes_check_config() -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("config", ["router.yaml", "k8s/router-config.yaml"])
+def test_image_configs_point_at_the_installed_sim_tokenizer(config: str) -> None:
+    # pip install . puts loadtest (with its package data) into the image's venv site-packages.
+    tokenizer = yaml.safe_load((DEPLOY / config).read_text())["tokenizer"]
+    prefix = "/opt/venv/lib/python3.11/site-packages/"
+    assert tokenizer.startswith(prefix) and (ROOT / tokenizer.removeprefix(prefix) / "tokenizer.json").exists()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"loadtest" = ["models/*/*"]' in pyproject, "the sim tokenizer must ship as package data"
+
+
 def test_compose_prometheus_scrapes_the_compose_services() -> None:
     prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     services = compose()["services"]
