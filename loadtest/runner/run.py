@@ -111,6 +111,7 @@ class _Run:
     replies: dict[int, str] = field(default_factory=dict)
     progress: Progress | None = None
     task_id: Any = None
+    failed: int = 0
 
     def __post_init__(self) -> None:
         self._urls = itertools.cycle(self.targets)
@@ -131,9 +132,9 @@ class _Run:
             self.sent.append((record.index, path, body))
             reply = await send(self.client, record, path, body, self.options.stream)
             self.replies[record.index] = reply
+            self.failed += 0 if record.ok else 1
             if self.progress is not None:
-                failed = sum(1 for r in self.records if r.error)
-                self.progress.update(self.task_id, advance=1, description=f"{self.workload.name} errors={failed}")
+                self.progress.update(self.task_id, advance=1, description=f"{self.workload.name} errors={self.failed}")
             if not record.ok:
                 return  # later turns need this reply; the conversation ends here
             history.replies.append(reply)
@@ -183,10 +184,11 @@ async def _model_of(client: httpx.AsyncClient, url: str) -> str:
         return "sim-model"
 
 
-def _sent_prompts(run: _Run, tokenizer_dir: str) -> tuple[list[SentPrompt], list[int | None]]:
+def _sent_prompts(run: _Run, tokenizer_dir: str) -> tuple[list[SentPrompt], list[int]]:
     """Token ids of every prompt as the engine tokenizes it (blocking: run in a thread)."""
     tok = load_tokenizer(tokenizer_dir)
-    prompts, lengths = [], []
+    prompts: list[SentPrompt] = []
+    lengths: list[int] = []
     for index, _path, body in run.sent:
         if "messages" in body:
             ids = tok.encode_chat(body["messages"])

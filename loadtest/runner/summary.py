@@ -18,7 +18,9 @@ from loadtest.runner.engines import EngineUsage
 
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 90, 99)) -> dict[str, float | None]:
     if not values:
-        return {f"p{q:g}": None for q in qs} | {"mean": None}
+        empty: dict[str, float | None] = {f"p{q:g}": None for q in qs}
+        empty["mean"] = None
+        return empty
     arr = np.asarray(values, dtype=float)
     out: dict[str, float | None] = {f"p{q:g}": float(np.percentile(arr, q)) for q in qs}
     out["mean"] = float(arr.mean())
