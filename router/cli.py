@@ -63,6 +63,8 @@ def serve(config: RouterConfig) -> int:
     from router.app import create_app
 
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # httpx logs every request at INFO: one line per proxied request and probe is noise and cost.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     uvicorn.run(create_app(config), host=config.host, port=config.port, loop="uvloop", http="httptools",
                 log_level=config.log_level, lifespan="on", access_log=False, timeout_graceful_shutdown=30)
     return 0

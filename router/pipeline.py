@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import functools
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,6 +30,7 @@ import orjson
 from router.config import RouterConfig
 from router.errors import NoHealthyBackend, NotFound, RouterError, UpstreamTimeout
 from router.index.base import BlockIndex, IndexUnavailable
+from router.logs import log_decision
 from router.metrics import (
     CACHED_TOKENS,
     DECISIONS,
@@ -51,8 +52,23 @@ from router.request.prompt import EncodedPrompt, PromptEncoder
 from router.scheduling.model import Candidate, Decision, RouteRequest
 from router.types import BackendId, BlockKey
 
-log = logging.getLogger("cache_router.decision")
-errlog = logging.getLogger("cache_router.pipeline")
+
+class _Series:
+    """A (model, arm)'s metric children, looked up once: ``labels()`` costs microseconds per call."""
+
+    def __init__(self, model: str, arm: str) -> None:
+        self.seconds = REQUEST_SECONDS.labels(model, arm)
+        self.ttft = TTFT_SECONDS.labels(model, arm)
+        self.prompt = PROMPT_TOKENS.labels(model, arm)
+        self.predicted = PREDICTED_TOKENS.labels(model, arm)
+        self.cached = CACHED_TOKENS.labels(model, arm)
+        self.lost = {c: LOST_SAVINGS.labels(model, arm, c) for c in ("workload", "routing", "index")}
+
+
+@functools.cache
+def _series(model: str, arm: str) -> _Series:
+    return _Series(model, arm)  # bounded: models are checked against the fleet before this
+
 
 _lookup_stage = STAGE_SECONDS.labels("lookup")
 _score_stage = STAGE_SECONDS.labels("score")
@@ -163,7 +179,8 @@ class Pipeline:
             decision = self.decide(g, policy)
         except NoHealthyBackend:
             REQUESTS.labels("none", req.model, arm, "no_backend").inc()
-            self._log(request_id, req.model, g, None, arm, "no_backend", 503, started)
+            log_decision(self.config.log_decisions, request_id, req.model, g.enc, g.index_available, None,
+                         arm, "no_backend", 503, started)
             raise
         DECISIONS.labels(decision.reason, arm).inc()
         strip = req.stream and not req.include_usage
@@ -246,32 +263,35 @@ class Pipeline:
         backend = opened.backend if opened is not None else d.backend
         now = time.monotonic()
         REQUESTS.labels(backend, req.model, r.arm, r.outcome).inc()
-        REQUEST_SECONDS.labels(req.model, r.arm).observe(now - r.started)
+        series = _series(req.model, r.arm)
+        series.seconds.observe(now - r.started)
         if opened is not None:
-            TTFT_SECONDS.labels(req.model, r.arm).observe(opened.first_byte_at - r.started)
+            series.ttft.observe(opened.first_byte_at - r.started)
         if opened is not None and opened.status == 200:
             self._feedback(r, backend, usage)
-        self._log(r.request_id, req.model, g, d, r.arm, r.outcome, r.status or 0, r.started,
-                  backend=backend, cached=r.cached, attempts=opened.attempts if opened else 0)
+        log_decision(self.config.log_decisions, r.request_id, req.model, g.enc, g.index_available, d, r.arm,
+                     r.outcome, r.status or 0, r.started,
+                     backend=backend, cached=r.cached, attempts=opened.attempts if opened else 0)
 
     def _feedback(self, r: Routed, backend: BackendId, usage: Mapping[str, Any] | None) -> None:
         g, d, model, arm = r.gathered, r.decision, r.req.model, r.arm
         bs = g.enc.block_size
         predicted = self.predicted(r, backend)
         cacheable = g.enc.cacheable_blocks * bs
-        PROMPT_TOKENS.labels(model, arm).inc(g.enc.prompt_tokens)
-        PREDICTED_TOKENS.labels(model, arm).inc(predicted)
-        LOST_SAVINGS.labels(model, arm, "workload").inc(max(0, cacheable - d.best_matched_tokens))
-        LOST_SAVINGS.labels(model, arm, "routing").inc(max(0, d.best_matched_tokens - predicted))
+        series = _series(model, arm)
+        series.prompt.inc(g.enc.prompt_tokens)
+        series.predicted.inc(predicted)
+        series.lost["workload"].inc(max(0, cacheable - d.best_matched_tokens))
+        series.lost["routing"].inc(max(0, d.best_matched_tokens - predicted))
         cached = cached_tokens(dict(usage)) if usage is not None else None
         r.cached = cached
         if cached is None:
             return
-        CACHED_TOKENS.labels(model, arm).inc(cached)
+        series.cached.inc(cached)
         # Estimates (approximate mode) and batches of prompts cannot be compared with the engine.
         if g.enc.approximate or r.req.n_prompts != 1 or cached >= predicted:
             return
-        LOST_SAVINGS.labels(model, arm, "index").inc(predicted - cached)
+        series.lost["index"].inc(predicted - cached)
         STALE_HITS.labels(backend).inc()
         self._spawn(self._drop(backend, g.enc.keys[cached // bs:]), "index-stale-drop")
 
@@ -300,17 +320,3 @@ class Pipeline:
         """Wait for pending index writes (shutdown)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def _log(self, rid: str, model: str, g: Gathered, d: Decision | None, arm: str, outcome: str,
-             status: int, started: float, *, backend: str | None = None, cached: int | None = None,
-             attempts: int = 0) -> None:
-        if not self.config.log_decisions or not log.isEnabledFor(logging.INFO):
-            return
-        line = {"id": rid, "model": model, "arm": arm, "prompt_tokens": g.enc.prompt_tokens,
-                "approximate": g.enc.approximate, "index": g.index_available,
-                "matched": d.matched_tokens if d else 0, "best": d.best_matched_tokens if d else 0,
-                "cached": cached, "backend": backend, "reason": d.reason if d else "none",
-                "attempts": attempts, "status": status, "outcome": outcome,
-                "latency_ms": round((time.monotonic() - started) * 1e3, 3)}
-        log.info(orjson.dumps(line).decode())
-

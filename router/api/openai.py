@@ -6,6 +6,7 @@ Plain Starlette routes with orjson: the hot path pays for no schema validation b
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import time
@@ -26,11 +27,15 @@ _parse_stage = STAGE_SECONDS.labels("parse")
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
+_ids = itertools.count(1)
+_ID_PREFIX = os.urandom(4).hex()  # per process: ids stay unique across router replicas
+
+
 def request_id(request: Request) -> str:
     given = request.headers.get("x-request-id")
     if given is not None and _SAFE_ID.fullmatch(given):
         return given
-    return os.urandom(8).hex()
+    return f"{_ID_PREFIX}-{next(_ids):x}"
 
 
 async def _route(request: Request, kind: Kind) -> ASGIApp:

@@ -145,3 +145,29 @@ def _wait_for(cond: object, message: str, timeout: float = 5.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(message)
+
+
+def test_idle_stream_is_cut_with_an_sse_error() -> None:
+    with scripted_engines(1, chunks=3, chunk_interval_s=1.5) as (engine,), \
+            running_router(backends=[engine.url], timeouts={"idle_s": 0.3}) as router:
+        t0 = time.monotonic()
+        resp = httpx.post(router.url + "/v1/completions", timeout=10,
+                          json={"model": "sim-model", "prompt": PROMPT, "stream": True})
+        events = _events(resp.text)
+        assert time.monotonic() - t0 < 1.4  # cut at the idle deadline, not after the slow chunk
+        assert orjson.loads(events[-2])["error"]["code"] == "stream_broken" and events[-1] == "[DONE]"
+        _wait_for(lambda: engine.disconnects == 1, "upstream not closed after the idle timeout")
+
+
+def test_one_decision_log_line_per_request_without_prompt(caplog: pytest.LogCaptureFixture) -> None:
+    secret = "zebra quartz marmalade " * 10
+    with scripted_engines(1) as (engine,), running_router(backends=[engine.url]) as router:
+        caplog.set_level("INFO", logger="cache_router.decision")
+        for stream in (False, True):
+            httpx.post(router.url + "/v1/completions", timeout=10,
+                       json={"model": "sim-model", "prompt": secret, "stream": stream})
+        _wait_for(lambda: len([r for r in caplog.records if r.name == "cache_router.decision"]) == 2, "no log")
+    lines = [orjson.loads(r.getMessage()) for r in caplog.records if r.name == "cache_router.decision"]
+    assert [line["backend"] for line in lines] == [engine.url, engine.url]
+    assert all(line["outcome"] == "ok" and line["status"] == 200 and line["prompt_tokens"] > 0 for line in lines)
+    assert "zebra" not in caplog.text
