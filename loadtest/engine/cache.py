@@ -287,9 +287,11 @@ class SeqBlocks:
     def schedule_decode(self) -> None:
         """Compute the last sampled token: a slot for it, and cache the block it fills."""
         computed = len(self.tokens)
-        if computed > len(self.block_ids) * self.cache.block_size:
+        bs = self.cache.block_size
+        if computed > len(self.block_ids) * bs:
             self.block_ids += self.cache.allocate(1)
-        self._cache_full(computed)
+        if computed // bs > self.committed:  # a block just filled (most steps fill none)
+            self._cache_full(computed)
 
     def release(self) -> None:
         ids, self.block_ids = self.block_ids, []
