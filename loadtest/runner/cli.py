@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,11 @@ def workload_params(args: argparse.Namespace) -> dict[str, Any]:
     names = ("requests", "groups", "system_tokens", "question_tokens", "output_tokens", "turns", "hot_fraction",
              "churn_factor", "capacity_tokens", "trace", "offset", "block_tokens", "time_scale", "output_scale",
              "max_output_tokens", "max_input_tokens")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    params = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if "requests" not in params and args.duration and args.rate:
+        # Enough requests to keep the rate up for the whole duration (the duration then ends the run).
+        params["requests"] = max(200, math.ceil(args.rate * args.duration * 1.1))
+    return params
 
 
 def run_options(args: argparse.Namespace, engines: list[str] | None) -> RunOptions:
