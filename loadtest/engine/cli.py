@@ -158,5 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         runner = asyncio.run
-    runner(serve(args))
+    try:
+        runner(serve(args))
+    except OSError as exc:  # a port in use, an address not on this host
+        print(f"cannot start the simulated engines: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -128,6 +128,8 @@ class SimFleet:
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait()
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
             self.proc = None
         if self._loop is not None and self._host is not None and self._thread is not None:
             self._loop.call_soon_threadsafe(self._host.request_stop)
