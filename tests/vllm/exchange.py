@@ -9,7 +9,7 @@ prints the whole conversation with the engine.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +35,19 @@ class Row:
 
 class Exchange:
     def __init__(
-        self, client: openai.AsyncOpenAI, tokenizer: ModelTokenizer, predictor: KeyPredictor
+        self,
+        client: openai.AsyncOpenAI,
+        tokenizer: ModelTokenizer,
+        predictor: KeyPredictor,
+        *,
+        settle: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``settle`` set: precise mode. The index is kept by KV events, so nothing is recorded
+        at send time; ``settle`` waits after each request until the engine's events are applied."""
         self.client = client
         self.tokenizer = tokenizer
         self.predictor = predictor
+        self.settle = settle
         self.rows: list[Row] = []
 
     async def completion(self, label: str, prompt: str | Sequence[int], salt: str | None = None) -> Row:
@@ -49,7 +57,7 @@ class Exchange:
             model=SERVED_MODEL, prompt=prompt if isinstance(prompt, str) else list(prompt), max_tokens=1,
             temperature=0.0, extra_body=_extra(salt),
         )  # fmt: skip
-        await self.predictor.record(ids, salt)
+        await self._after(ids, salt)
         engine_ids = (response.choices[0].model_extra or {}).get("prompt_token_ids")
         return self._add(label, ids, engine_ids, predicted, response.usage)
 
@@ -62,9 +70,15 @@ class Exchange:
             model=SERVED_MODEL, messages=list(messages), max_tokens=1, temperature=0.0,  # type: ignore[arg-type]
             extra_body={**_extra(salt), **render},
         )  # fmt: skip
-        await self.predictor.record(ids, salt)
+        await self._after(ids, salt)
         engine_ids = (response.model_extra or {}).get("prompt_token_ids")
         return self._add(label, ids, engine_ids, predicted, response.usage)
+
+    async def _after(self, ids: list[int], salt: str | None) -> None:
+        if self.settle is None:
+            await self.predictor.record(ids, salt)
+        else:
+            await self.settle()
 
     def _add(self, label: str, ids: list[int], engine_ids: Any, predicted: int, usage: Any) -> Row:
         assert usage is not None and usage.prompt_tokens_details is not None, (

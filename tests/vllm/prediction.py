@@ -13,18 +13,25 @@ from collections.abc import Sequence
 
 from router.hashing.keys import cacheable_blocks, prompt_keys
 from router.hashing.tokenizer import ModelTokenizer
+from router.index.base import BlockIndex
 from router.index.memory import MemoryBlockIndex
 from router.types import BackendId
 
 
 class KeyPredictor:
-    """Predicted matched tokens per prompt, for one replica, from an approximate-mode index."""
+    """Predicted matched tokens per prompt, for one replica.
 
-    def __init__(self, block_size: int, namespace: str, replica: BackendId) -> None:
+    By default from its own approximate-mode index (``record`` after each send); in the
+    events tests from the index that the router's KV-event ingest keeps (never ``record``).
+    """
+
+    def __init__(
+        self, block_size: int, namespace: str, replica: BackendId, index: BlockIndex | None = None
+    ) -> None:
         self.block_size = block_size
         self.namespace = namespace
         self.replica = replica
-        self.index = MemoryBlockIndex()
+        self.index: BlockIndex = index if index is not None else MemoryBlockIndex()
 
     async def predict(self, token_ids: Sequence[int], salt: str | None = None) -> int:
         """Matched tokens the router predicts for this prompt; does not record it."""
