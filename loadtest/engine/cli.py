@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefill-ms-per-token", type=float, default=t.prefill_ms_per_token, help="per uncached token"
     )
     g.add_argument("--decode-ms", type=float, default=t.decode_ms, help="inter-token interval")
+    g.add_argument(
+        "--decode-ms-per-seq", type=float, default=t.decode_ms_per_seq, help="added per running request"
+    )
     g.add_argument("--zero", action="store_true", help="zero-delay mode: no prefill or decode time")
     e = p.add_argument_group("KV events (vLLM wire format over ZMQ)")
     e.add_argument("--kv-events-port", type=int, default=None, help="first PUB port to bind (0: free ports)")
@@ -106,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
         prefill_base_ms=args.prefill_base_ms,
         prefill_ms_per_token=args.prefill_ms_per_token,
         decode_ms=args.decode_ms,
+        decode_ms_per_seq=args.decode_ms_per_seq,
         max_num_seqs=args.max_num_seqs,
         zero=args.zero,
     )

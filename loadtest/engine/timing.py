@@ -9,7 +9,8 @@ The model, and why:
   engine's single compute timeline: prefills run one after another and running decodes
   stall behind them. So a cache miss costs the whole engine throughput, not only the
   missing request's latency, which is what makes cache-aware routing pay on a real engine.
-- Each decode step waits ``decode_ms``, then for any prefill that holds the engine.
+- Each decode step waits ``decode_ms`` plus ``decode_ms_per_seq`` per running request (a bigger
+  batch steps slower), then for any prefill that holds the engine.
 - ``zero``: no waiting at all (load tests of the router itself, benchmarks).
 
 It owns admission and time; the cache model decides blocks, the engine decides tokens.
@@ -33,6 +34,9 @@ class TimingConfig:
     prefill_base_ms: float = 1.0
     prefill_ms_per_token: float = 0.02
     decode_ms: float = 5.0
+    # A decode step of a bigger batch takes longer (memory-bound reads of every sequence's KV), so
+    # an engine that gets all the traffic slows down: 64 running requests add 6.4 ms per token.
+    decode_ms_per_seq: float = 0.1
     max_num_seqs: int = 64  # vLLM's default is larger; 64 makes queueing visible in load tests
     zero: bool = False
 
@@ -147,7 +151,9 @@ class Scheduler:
         """One inter-token interval, stretched by any prefill holding the engine."""
         if self.config.zero:
             return
-        await asyncio.sleep(self.config.decode_ms / 1000)
+        await asyncio.sleep(
+            (self.config.decode_ms + self.config.decode_ms_per_seq * len(self._running)) / 1000
+        )
         stall = self._busy_until - time.monotonic()
         if stall > 0:
             await asyncio.sleep(stall)

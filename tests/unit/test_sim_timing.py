@@ -114,3 +114,17 @@ async def test_zero_mode_never_waits() -> None:
         await sched.decode_step()
     assert time.monotonic() - t0 < 0.5
     assert sched.prefill_seconds == 0
+
+
+async def test_a_bigger_batch_decodes_slower() -> None:
+    cache, sched, _ = make(decode_ms=1, decode_ms_per_seq=2.0, max_num_seqs=64)
+    t0 = time.monotonic()
+    await sched.decode_step()
+    alone = time.monotonic() - t0
+    for i in range(20):
+        await sched.admit(seq(cache, [i + 1]), 1)
+    t0 = time.monotonic()
+    await sched.decode_step()
+    crowded = time.monotonic() - t0
+    assert alone < 0.03
+    assert crowded >= 0.04  # 1 ms + 20 running x 2 ms
