@@ -138,3 +138,22 @@ def _wait(cond: Any, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.05)
+
+
+def test_precise_mode_events_confirm_route_time_entries() -> None:
+    """With KV events, route-time entries live only speculative_ttl_s unless the engine's
+    BlockStored confirms them; through the app's wiring they outlive that TTL."""
+    with SimFleet(1, block_size=16, kv_events="bind") as fleet:
+        spec = fleet[0]
+        backend = {"url": spec.url, "kv_events": spec.kv_events, "kv_replay": spec.kv_replay}
+        with running_router(backends=[backend], tokenizer=str(SIM_MODEL), block_size=16,
+                            index={"speculative_ttl_s": 0.3, "selfcheck": False}) as router:
+            time.sleep(0.5)  # the SUB socket joins before the engine publishes (ZMQ slow joiner)
+            body = {"model": "sim-model", "prompt": SYSTEM + "Precise?", "max_tokens": 4}
+            assert httpx.post(router.url + "/v1/completions", json=body, timeout=10).status_code == 200
+            time.sleep(0.8)  # past the speculative TTL
+            plan = _debug(router, body)
+            assert plan["replicas"][0]["matched_tokens"] == plan["cacheable_tokens"] > 0
+            assert metric(router.url, "cache_router_kv_events_total", type="BlockStored") > 0
+            # Precise: the route-time record had the 0.3 s TTL, so only the events kept it alive.
+            assert metric(router.url, "cache_router_precise_mode", backend=spec.url) == 1
