@@ -64,7 +64,7 @@ class SpecPublisher:
         deadline = time.monotonic() + within_s
         while True:  # skip unsubscribe notices (b"\x00...") of subscribers that went away
             left = deadline - time.monotonic()
-            if left <= 0 or not await self.pub.poll(int(left * 1000), zmq.POLLIN):
+            if left <= 0 or not await self.pub.poll(timeout=int(left * 1000)):
                 raise TimeoutError("no subscriber connected")
             frames = await self.pub.recv_multipart()
             if frames and frames[0][:1] == b"\x01":

@@ -39,12 +39,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router import metrics
+from router.events.blockmap import BlockMap
 from router.events.decode import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     DecodeError,
-    EngineHash,
     EventBatch,
     Message,
     decode_payload,
@@ -59,9 +59,6 @@ log = logging.getLogger(__name__)
 ReplayFn = Callable[[int], Awaitable[list[tuple[int, bytes]] | None]]
 """Fetch buffered batches with seq >= start from the engine: [(seq, payload)], or None on failure."""
 
-_GPU = 1
-# A replica holds a block for routing if it is in the engine's own (GPU) cache, or in another
-# tier when record_cpu_blocks is on; each medium gets a bit so removal from one tier keeps the other.
 RESYNC_COOLDOWN_S = 30.0
 """At most one full resync (clear + replay from 0) per this long: a lineage rooted before the
 engine's replay buffer would otherwise trigger one per event."""
@@ -69,14 +66,6 @@ _OWN_REPORT_WINDOW_S = 5.0  # the fleet's echo of a restart we reported arrives 
 DEFAULT_MAP_BLOCKS = 1 << 18
 """Engine-hash map bound when the replica's capacity is unknown (~40 MB); with a known
 capacity, 2x it (GPU plus another tier)."""
-
-
-@dataclass(slots=True)
-class _Entry:
-    key: BlockKey
-    stored_at: float
-    media: int
-    held: bool  # recorded in the index
 
 
 @dataclass
@@ -110,14 +99,12 @@ class ReplicaApplier:
         self.index = index
         self._block_size = block_size
         self._replay = replay
-        self._record_cpu = record_cpu_blocks
         self._fleet = fleet
         cap = backend.capacity_blocks
-        self._map_limit = map_blocks or (2 * cap if cap else DEFAULT_MAP_BLOCKS)
+        self._blocks = BlockMap(map_blocks or (2 * cap if cap else DEFAULT_MAP_BLOCKS),
+                                record_cpu_blocks=record_cpu_blocks)
         self._clock = clock
         self._wall = wall
-        self._blocks: dict[EngineHash, _Entry] = {}
-        self._media_bits: dict[str, int] = {"GPU": _GPU}
         self.state = ApplierState()
         self._reported_restart_at = float("-inf")
         # labelled children resolved once: .labels() costs more than applying a small event
@@ -290,47 +277,25 @@ class ReplicaApplier:
                 return
             parent_key = first_link_seed(namespace, ev.salt)
         else:
-            parent = self._blocks.get(ev.parent_block_hash)
-            if parent is None:
+            known = self._blocks.key(ev.parent_block_hash)
+            if known is None:
                 self._unknown_parent()
                 return
-            parent_key = parent.key
+            parent_key = known
         keys = chain_keys(ev.token_ids, ev.block_size, parent_key)
-        bit = self._medium_bit(ev.medium)
-        held_now = bit == _GPU or self._record_cpu
-        now = self._clock()
-        to_record: list[BlockKey] = []
-        for h, key in zip(ev.block_hashes, keys, strict=True):
-            entry = self._blocks.pop(h, None)
-            if entry is None or entry.key != key:
-                entry = _Entry(key, now, 0, False)
-            entry.media |= bit
-            if held_now:
-                entry.held = True
-                to_record.append(key)
-            self._blocks[h] = entry  # re-insert: most recently stored last
-        if to_record:
-            await self.index.record(self.id, to_record, ttl_s=None)
-        await self._bound_map()
+        held = self._blocks.store(ev.block_hashes, keys, ev.medium, self._clock())
+        if held:
+            await self.index.record(self.id, held, ttl_s=None)
+        forgotten = self._blocks.trim()
+        if forgotten:
+            await self.index.remove(self.id, forgotten)
         for observer in self.observers:
             observer(ev, keys)
 
     async def _removed(self, ev: BlockRemoved) -> None:
-        bit = self._medium_bit(ev.medium)
-        now = self._clock()
-        gone: list[BlockKey] = []
-        for h in ev.block_hashes:
-            entry = self._blocks.get(h)
-            if entry is None:
-                continue
-            entry.media &= ~bit
-            still_held = bool(entry.media & _GPU) or (self._record_cpu and entry.media != 0)
-            if entry.held and not still_held:
-                entry.held = False
-                gone.append(entry.key)
-                metrics.BLOCK_RETENTION.observe(now - entry.stored_at)
-            if entry.media == 0:
-                del self._blocks[h]
+        gone, ages = self._blocks.remove(ev.block_hashes, ev.medium, self._clock())
+        for age in ages:
+            metrics.BLOCK_RETENTION.observe(age)
         if gone:
             await self.index.remove(self.id, gone)
 
@@ -357,18 +322,6 @@ class ReplicaApplier:
         self._blocks.clear()
         await self.index.clear(self.id)
 
-    async def _bound_map(self) -> None:
-        excess = len(self._blocks) - self._map_limit
-        if excess <= 0:
-            return
-        dropped: list[BlockKey] = []
-        for h in list(self._blocks)[:excess]:  # oldest stored first: we can no longer apply their removal
-            entry = self._blocks.pop(h)
-            if entry.held:
-                dropped.append(entry.key)
-        if dropped:
-            await self.index.remove(self.id, dropped)
-
     # ---- helpers ---------------------------------------------------------------------------
 
     def _base_model(self) -> str | None:
@@ -377,16 +330,6 @@ class ReplicaApplier:
         if len(self.backend.models) == 1:
             return next(iter(self.backend.models))
         return None
-
-    def _medium_bit(self, medium: str | None) -> int:
-        if medium is None:
-            return _GPU
-        bit = self._media_bits.get(medium)
-        if bit is None:
-            # bounded: beyond 16 tiers, unknown media share the last bit
-            bit = 1 << min(len(self._media_bits), 16)
-            self._media_bits[medium] = bit
-        return bit
 
     def _set_precise(self, value: bool) -> None:
         self.backend.precise = value

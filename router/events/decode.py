@@ -171,7 +171,7 @@ def _stored(f: dict[str, Any]) -> BlockStored:
     if parent is not None:
         parent = _hash(parent)
     size = f.get("block_size")
-    if not _is_int(size) or size <= 0:
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise DecodeError("BlockStored.block_size must be a positive int")
     raw_tokens = f.get("token_ids")
     if not isinstance(raw_tokens, list):

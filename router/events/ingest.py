@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +34,8 @@ from router import metrics
 from router.config import BackendConfig, RouterConfig
 from router.events.applier import ReplicaApplier
 from router.events.decode import DecodeError, decode_message
-from router.events.leader import IngestLease
-from router.events.selfcheck import SelfCheckResult, self_check
+from router.events.leader import IngesterElection, IngestLease
+from router.events.selfcheck import SelfCheckResult, check_replica
 from router.events.subscriber import EventSocket, Frames, ReplayClient
 from router.fleet.backend import Backend
 from router.hashing.tokenizer import ModelTokenizer
@@ -55,13 +55,14 @@ SELFCHECK_WAIT_S = 60.0
 """How long the self-check waits for a replica to turn healthy with a known model before giving up."""
 
 Control = Callable[[], Coroutine[Any, Any, None]]
+Inbox = asyncio.Queue[Frames | Control]  # a replica's messages, and control steps kept in order with them
 
 
 @dataclass
 class _Replica:
     cfg: BackendConfig
     applier: ReplicaApplier
-    queue: asyncio.Queue[Frames | Control]
+    queue: Inbox
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     socket: EventSocket | None = None
     busy_since: float | None = None
@@ -81,7 +82,6 @@ class EventIngest:
         self._tasks: list[asyncio.Task[None]] = []  # election (or nothing): lives from start to stop
         self._ingest_tasks: list[asyncio.Task[None]] = []  # sockets, watchdog, follower: while ingesting
         self._lease: IngestLease | None = None
-        self._lease_warned_at = float("-inf")
         self._unrouted_warned: set[bytes] = set()
         self._http: httpx.AsyncClient | None = None
         self._tokenizers: dict[str, ModelTokenizer] = {}
@@ -104,7 +104,11 @@ class EventIngest:
                                 cluster=True if self.config.index.cluster else None)
             self._lease = IngestLease(client, namespace=self.config.index.namespace,
                                       ttl_s=self.config.index.events_lease_s)
-            self._spawn(self._tasks, self._election(), "kv-events-election")
+            election = IngesterElection(self._lease, start=self._start_ingesting, stop=self._stop_ingesting,
+                                        ingesting=lambda: self.ingesting, flags=self._precise_flags,
+                                        follow=self._follow_precise, call_timeout_s=LEASE_CALL_MS / 1000,
+                                        clock=self._clock)
+            self._spawn(self._tasks, election.run(), "kv-events-election")
         else:
             await self._start_ingesting()
 
@@ -158,37 +162,10 @@ class EventIngest:
             self._bound.close()
             self._bound = None
 
-    async def _election(self) -> None:
-        """Hold or follow the ingester lease (see ``router.events.leader``), forever."""
-        assert self._lease is not None
-        lease, ttl = self._lease, self.config.index.events_lease_s
-        renewed_at = float("-inf")
-        while True:
-            try:
-                held: bool | None = await asyncio.wait_for(lease.acquire_or_renew(), LEASE_CALL_MS / 1000)
-            except Exception as exc:  # Redis down or slow: keep the role until the lease must have expired
-                held = None
-                self._warn_lease(f"cannot reach Redis for the ingester lease: {exc!r}")
-            now = self._clock()
-            if held:
-                renewed_at = now
-                if not self.ingesting:
-                    log.info("kv events: this router is now the ingester (lease %s)", lease.token)
-                    await self._start_ingesting()
-                flags = {rid: rep.applier.backend.precise for rid, rep in self._replicas.items()}
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(lease.publish_precise(flags), LEASE_CALL_MS / 1000)
-            elif held is False or now - renewed_at > ttl:
-                if self.ingesting:
-                    log.warning("kv events: lost the ingester lease: stopping ingestion here")
-                    await self._stop_ingesting()
-                if held is False:
-                    with contextlib.suppress(Exception):
-                        flags = await asyncio.wait_for(lease.read_precise(), LEASE_CALL_MS / 1000)
-                        self._follow_precise(flags)
-            await asyncio.sleep(ttl / 3)
+    def _precise_flags(self) -> dict[str, bool]:
+        return {rid: rep.applier.backend.precise for rid, rep in self._replicas.items()}
 
-    def _follow_precise(self, flags: dict[str, bool]) -> None:
+    def _follow_precise(self, flags: Mapping[str, bool]) -> None:
         """Copy the ingester's verdicts into this router's Backends (it routes with them)."""
         for cfg in self.config.backends:
             if cfg.kv_events is None and cfg.kv_topic is None:
@@ -197,12 +174,6 @@ class EventIngest:
             if backend is not None:
                 backend.precise = flags.get(cfg.url, False)
                 metrics.PRECISE_MODE.labels(cfg.url).set(1 if backend.precise else 0)
-
-    def _warn_lease(self, msg: str) -> None:
-        now = self._clock()
-        if now - self._lease_warned_at > 30:  # one line per 30 s while Redis is away
-            self._lease_warned_at = now
-            log.warning("kv events: %s", msg)
 
     def add_backend(self, cfg: BackendConfig, backend: Backend | None = None) -> bool:
         """Start ingesting one replica's events (no-op without an events endpoint); True if started."""
@@ -279,32 +250,12 @@ class EventIngest:
                 rep.applier.lost_writes()
 
     async def _selfcheck(self, rep: _Replica) -> None:
-        applier, backend = rep.applier, rep.applier.backend
-        deadline = self._clock() + SELFCHECK_WAIT_S
-        while not (backend.healthy and backend.base_model):
-            if self._clock() > deadline:
-                log.warning("selfcheck: %s not healthy with a known model after %.0fs: not checked",
-                            backend.id, SELFCHECK_WAIT_S)
-                return
-            await asyncio.sleep(0.2)
-        model = backend.base_model
-        tokenizer = await self._tokenizer_for(model)
-        if tokenizer is None or self._http is None:
-            return
-        block_size = self._block_size_of(rep.cfg, backend)()
-        result = await self_check(applier, tokenizer, self._http, model=model, block_size=block_size)
-        self.selfchecks[backend.id] = result
-        if result.ok:
-            log.info("selfcheck: %s: router keys equal the engine's (%s): precise mode on", backend.id,
-                     result.detail)
-        elif result.probed:
-            log.error("selfcheck: %s: precise mode REFUSED, cause: %s: %s", backend.id, result.cause,
-                      result.detail)
-            applier.disable(f"selfcheck: {result.cause}")
-            with contextlib.suppress(IndexUnavailable):
-                await self.index.clear(backend.id)  # what its events wrote can never match
-        else:
-            log.warning("selfcheck: %s could not be checked: %s", backend.id, result.detail)
+        assert self._http is not None
+        result = await check_replica(rep.applier, self.index, self._http, load_tokenizer=self._tokenizer_for,
+                                     block_size=self._block_size_of(rep.cfg, rep.applier.backend),
+                                     wait_s=SELFCHECK_WAIT_S)
+        if result is not None:
+            self.selfchecks[rep.applier.id] = result
 
     async def _tokenizer_for(self, model: str) -> ModelTokenizer | None:
         model_cfg = self.config.models.get(model)
@@ -362,7 +313,7 @@ class EventIngest:
 
     # ---- helpers -------------------------------------------------------------------------------
 
-    def _route_topic(self, topic: bytes) -> asyncio.Queue[Frames | Control] | None:
+    def _route_topic(self, topic: bytes) -> Inbox | None:
         rep = self._by_topic.get(topic)
         return rep.queue if rep is not None else None
 

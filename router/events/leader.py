@@ -27,10 +27,13 @@ Key formats (kept here, next to their only user; ``router.index.keys`` holds the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 import socket
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -108,3 +111,55 @@ class IngestLease:
 
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class IngesterElection:
+    """Hold or follow the lease forever: start ingesting when it is ours, stop when it is not.
+
+    Redis unreachable: the holder keeps ingesting until its lease must have expired (then
+    another router may hold it), and steps down; followers keep their last flags.
+    """
+
+    def __init__(self, lease: IngestLease, *, start: Callable[[], Awaitable[None]],
+                 stop: Callable[[], Awaitable[None]], ingesting: Callable[[], bool],
+                 flags: Callable[[], Mapping[str, bool]], follow: Callable[[Mapping[str, bool]], None],
+                 call_timeout_s: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
+        self.lease = lease
+        self._start, self._stop, self._ingesting = start, stop, ingesting
+        self._flags, self._follow = flags, follow
+        self._timeout = call_timeout_s
+        self._clock = clock
+        self._warned_at = float("-inf")
+
+    async def run(self) -> None:
+        lease, ttl = self.lease, self.lease.ttl_ms / 1000
+        renewed_at = float("-inf")
+        while True:
+            held: bool | None
+            try:
+                held = await asyncio.wait_for(lease.acquire_or_renew(), self._timeout)
+            except Exception as exc:  # Redis down or slow
+                held = None
+                self._warn(f"cannot reach Redis for the ingester lease: {exc!r}")
+            now = self._clock()
+            if held:
+                renewed_at = now
+                if not self._ingesting():
+                    log.info("kv events: this router is now the ingester (lease %s)", lease.token)
+                    await self._start()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(lease.publish_precise(self._flags()), self._timeout)
+            elif held is False or now - renewed_at > ttl:
+                if self._ingesting():
+                    log.warning("kv events: lost the ingester lease: stopping ingestion here")
+                    await self._stop()
+                if held is False:
+                    with contextlib.suppress(Exception):
+                        self._follow(await asyncio.wait_for(lease.read_precise(), self._timeout))
+            await asyncio.sleep(ttl / 3)
+
+    def _warn(self, msg: str) -> None:
+        now = self._clock()
+        if now - self._warned_at > 30:  # one line per 30 s while Redis is away
+            self._warned_at = now
+            log.warning("kv events: %s", msg)

@@ -20,10 +20,11 @@ check proves a mismatch, it does not punish a slow engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from router.events.applier import ReplicaApplier
 from router.events.decode import BlockStored
 from router.hashing.keys import cacheable_blocks, prompt_keys
 from router.hashing.tokenizer import ModelTokenizer
+from router.index.base import BlockIndex, IndexUnavailable
 from router.types import BlockKey
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,39 @@ class SelfCheckResult:
     """tokenizer, template, block_size, salt, namespace, cached_tokens; or (ok=None-like) unprobed."""
     detail: str = ""
     probed: bool = True
+
+
+async def check_replica(applier: ReplicaApplier, index: BlockIndex, client: httpx.AsyncClient, *,
+                        load_tokenizer: Callable[[str], Awaitable[ModelTokenizer | None]],
+                        block_size: Callable[[], int], wait_s: float) -> SelfCheckResult | None:
+    """Wait for the replica to be healthy with a known model, probe it, act on the verdict.
+
+    A refusal disables precise mode for the replica and clears its index entries (what its
+    events wrote can never match a request's keys). None: not checked (never ready, no tokenizer).
+    """
+    backend = applier.backend
+    deadline = time.monotonic() + wait_s
+    while not (backend.healthy and backend.base_model):
+        if time.monotonic() > deadline:
+            log.warning("selfcheck: %s not healthy with a known model after %.0fs: not checked", backend.id, wait_s)
+            return None
+        await asyncio.sleep(0.2)
+    model = backend.base_model
+    assert model is not None
+    tokenizer = await load_tokenizer(model)
+    if tokenizer is None:
+        return None
+    result = await self_check(applier, tokenizer, client, model=model, block_size=block_size())
+    if result.ok:
+        log.info("selfcheck: %s: router keys equal the engine's (%s): precise mode on", backend.id, result.detail)
+    elif result.probed:
+        log.error("selfcheck: %s: precise mode REFUSED, cause: %s: %s", backend.id, result.cause, result.detail)
+        applier.disable(f"selfcheck: {result.cause}")
+        with contextlib.suppress(IndexUnavailable):
+            await index.clear(backend.id)
+    else:
+        log.warning("selfcheck: %s could not be checked: %s", backend.id, result.detail)
+    return result
 
 
 async def self_check(applier: ReplicaApplier, tokenizer: ModelTokenizer, client: httpx.AsyncClient, *,

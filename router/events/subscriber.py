@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -56,7 +57,7 @@ class ReplayClient:
             await sock.send_multipart([b"", start_seq.to_bytes(8, "big")])
             out: list[tuple[int, bytes]] = []
             while len(out) <= self.max_batches:
-                if not await sock.poll(int(self.timeout_s * 1000), zmq.POLLIN):
+                if not await sock.poll(timeout=int(self.timeout_s * 1000)):
                     log.warning("kv replay: %s did not answer within %.1fs", self.endpoint, self.timeout_s)
                     return None
                 frames = await sock.recv_multipart()
@@ -101,7 +102,7 @@ class EventSocket:
     """
 
     def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, *, bind: bool,
-                 route: Callable[[bytes], asyncio.Queue[Frames] | None],
+                 route: Callable[[bytes], asyncio.Queue[Any] | None],
                  on_unrouted: Callable[[bytes], None] | None = None, rcvhwm: int = 100_000) -> None:
         self.endpoint = endpoint
         self.bind = bind
