@@ -17,7 +17,7 @@ from router.config import SchedulingConfig
 from router.scheduling import rendezvous
 from router.scheduling.load import in_band, load_of
 from router.scheduling.model import Candidate, Decision, RouteRequest
-from router.scheduling.profile import Profile
+from router.scheduling.profile import Profile, Rotation
 from router.types import BackendId
 
 
@@ -53,9 +53,9 @@ def decision(
     )
 
 
-def by_load(candidates: Sequence[Candidate], rng: random.Random) -> list[Candidate]:
-    """Least loaded first, ties in random order."""
-    keyed = sorted((load_of(c), rng.random(), i) for i, c in enumerate(candidates))
+def by_load(candidates: Sequence[Candidate], ties: Rotation) -> list[Candidate]:
+    """Least loaded first, equal loads taking turns."""
+    keyed = sorted(zip((load_of(c) for c in candidates), ties.keys(candidates), range(len(candidates)), strict=True))
     return [candidates[i] for _, _, i in keyed]
 
 
@@ -64,23 +64,33 @@ class CacheAware:
 
     name = "cache_aware"
 
-    def __init__(self, config: SchedulingConfig) -> None:
+    def __init__(self, config: SchedulingConfig, rng: random.Random) -> None:
         self.config = config
         self.profile = Profile(config.weights)
+        self._ties = Rotation(rng)
+        self._rest_ties = Rotation(rng)  # ordering retry targets must not skip anyone's turn
 
     def decide(self, request: RouteRequest, eligible: list[Candidate], rng: random.Random) -> Decision:
         band = in_band(eligible, self.config.load_band, self.config.load_band_ratio)
         band_ids = {c.id for c in band}
-        rest = by_load([c for c in eligible if c.id not in band_ids], rng)
-        if request.session:
-            ordered = rendezvous.order(band, rendezvous.session_key(request.session))
-            return decision(request, ordered + rest, "session", eligible)
+        rest = by_load([c for c in eligible if c.id not in band_ids], self._rest_ties)
         if not request.index_available:
             # Fail-open: affinity without an index. Every router replica maps the same
-            # first block to the same replica, and the band still bounds its load.
-            ordered = rendezvous.order(band, request.keys[0]) if request.keys else by_load(band, rng)
-            return decision(request, ordered + rest, "fallback", eligible)
-        scored = self.profile.rank(request, band, rng)
+            # session, else the same first block, to the same replica; the band still bounds load.
+            if request.session:
+                ordered, reason = rendezvous.order(band, rendezvous.session_key(request.session)), "session"
+            else:
+                reason = "fallback"
+                ordered = rendezvous.order(band, request.keys[0]) if request.keys else by_load(band, self._ties)
+            return decision(request, ordered + rest, reason, eligible)
+        # With the index, a session changes nothing: the index already remembers where the
+        # conversation went (its blocks were recorded at dispatch), and more precisely. On
+        # the simulated fleet (tests/unit/test_sched_simulation.py, multi-turn) a session
+        # hash that overrode cache and load cut the hit rate from 0.42 to 0.32 and lifted
+        # TTFT p99 above least_load's; as a mere tie-break it still cost 10-20% of p99 at 90%
+        # load against taking turns.
+        ties = self._ties.keys(band)
+        scored = self.profile.rank(request, band, ties)
         ranked = [s.candidate for s in scored]
         best = max(matched_blocks(request, c) for c in eligible)
         mine = matched_blocks(request, ranked[0])
@@ -105,8 +115,11 @@ class RoundRobin:
 class LeastLoad:
     name = "least_load"
 
+    def __init__(self, rng: random.Random) -> None:
+        self._ties = Rotation(rng)
+
     def decide(self, request: RouteRequest, eligible: list[Candidate], rng: random.Random) -> Decision:
-        return decision(request, by_load(eligible, rng), self.name, eligible)
+        return decision(request, by_load(eligible, self._ties), self.name, eligible)
 
 
 class PrefixHash:
@@ -120,13 +133,14 @@ class PrefixHash:
 
     name = "prefix_hash"
 
-    def __init__(self, config: SchedulingConfig) -> None:
+    def __init__(self, config: SchedulingConfig, rng: random.Random) -> None:
         self.factor = config.prefix_hash_load_factor
         self.blocks = config.prefix_hash_blocks
+        self._ties = Rotation(rng)
 
     def decide(self, request: RouteRequest, eligible: list[Candidate], rng: random.Random) -> Decision:
         if not request.keys:
-            return decision(request, by_load(eligible, rng), self.name, eligible)
+            return decision(request, by_load(eligible, self._ties), self.name, eligible)
         key = request.keys[min(self.blocks, len(request.keys)) - 1]
         ordered = rendezvous.order(eligible, key)
         loads = [load_of(c) for c in ordered]
@@ -144,11 +158,11 @@ class Random:
         return decision(request, ordered, self.name, eligible)
 
 
-def make_policies(config: SchedulingConfig) -> dict[str, Policy]:
+def make_policies(config: SchedulingConfig, rng: random.Random) -> dict[str, Policy]:
     return {
-        "cache_aware": CacheAware(config),
+        "cache_aware": CacheAware(config, rng),
         "round_robin": RoundRobin(),
-        "least_load": LeastLoad(),
-        "prefix_hash": PrefixHash(config),
+        "least_load": LeastLoad(rng),
+        "prefix_hash": PrefixHash(config, rng),
         "random": Random(),
     }

@@ -1,7 +1,8 @@
 """The scheduling profile: run the weighted scorers, clamp, sum, rank with a random tie-break.
 
 This is the whole scoring loop (llm-d's ``scheduler_profile`` in one page): weights come
-from ``SchedulingConfig.weights`` by scorer name; a scorer with weight 0 is not run.
+from ``SchedulingConfig.weights`` by scorer name; a scorer with weight 0 is not run. Ties
+are broken by taking turns (``Rotation``), from a random start.
 """
 
 from __future__ import annotations
@@ -50,9 +51,33 @@ class Profile:
             out.append(Scored(c, total, parts))
         return out
 
-    def rank(self, request: RouteRequest, candidates: Sequence[Candidate], rng: random.Random) -> list[Scored]:
-        """Best first; equal totals in random order (so ties spread instead of piling on one id)."""
+    def rank(self, request: RouteRequest, candidates: Sequence[Candidate], ties: Sequence[int]) -> list[Scored]:
+        """Best first; equal totals go to the lower tie key (``Rotation.keys``: taking turns)."""
         scored = self.score(request, candidates)
-        keyed = [(-s.total, rng.random(), i) for i, s in enumerate(scored)]
-        keyed.sort()
+        keyed = sorted(zip((-s.total for s in scored), ties, range(len(scored)), strict=True))
         return [scored[i] for _, _, i in keyed]
+
+
+class Rotation:
+    """Tie-break: equal candidates take turns, in an order that starts at a random offset.
+
+    Measured on the simulated fleet (``tests/unit/test_sched_simulation.py``, zero reuse at
+    90% load): a random tie-break made least-load's TTFT p99 2-9% worse than round robin's,
+    because two replicas with equal counts are picked twice in a row as often as in turn.
+    Taking turns among equals gives round robin's evenness whenever loads tie, and least
+    load's correction when they do not. The offset is drawn from the scheduler's RNG, so
+    several router replicas do not march in step.
+    """
+
+    def __init__(self, rng: random.Random) -> None:
+        self._turn = rng.randrange(1 << 30)
+
+    def keys(self, candidates: Sequence[Candidate]) -> list[int]:
+        """One key per candidate (lower wins a tie); advances the turn."""
+        n = len(candidates)
+        turn, self._turn = self._turn, self._turn + 1
+        by_id = sorted(range(n), key=lambda i: candidates[i].id)
+        keys = [0] * n
+        for pos, i in enumerate(by_id):
+            keys[i] = (pos - turn) % n
+        return keys

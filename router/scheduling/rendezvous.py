@@ -2,8 +2,8 @@
 
 Every router replica computes the same order from the same key without talking to the
 others, and adding or removing a replica only moves the keys that replica wins or held
-(about 1/n of them). Used for affinity without an index (fail-open), for sessions, and by
-the ``prefix_hash`` baseline.
+(about 1/n of them). Used for affinity without an index (fail-open: by session, else by first
+block) and by the ``prefix_hash`` baseline.
 """
 
 from __future__ import annotations
