@@ -75,7 +75,7 @@ def _measure(engines: int, args: argparse.Namespace, stream: bool) -> dict[str, 
         t0, c0 = time.monotonic(), host.cpu_times()
         time.sleep(args.idle_seconds)
         c1 = host.cpu_times()
-        idle = (c1.user + c1.system - c0.user - c0.system) / (time.monotonic() - t0)
+        idle = max(0.0, c1.user + c1.system - c0.user - c0.system) / (time.monotonic() - t0)
         with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
             f.write(
                 _LUA
