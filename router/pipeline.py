@@ -1,15 +1,10 @@
 """One request's path: prepare (tokens, keys), gather (index lookup + fleet snapshot),
-decide (scheduler), dispatch (proxy), feedback (cached tokens -> index, metrics, log).
+decide (scheduler; wait in the admission queue when every replica is at its cap),
+dispatch (proxy, with the prompt's keys recorded for the chosen replica), relay, feedback.
 
 All I/O for a decision happens in ``gather``; the scheduler decides synchronously from
-that frozen snapshot. After dispatch the prompt's keys are recorded for the chosen replica
-(short TTL when KV events will confirm them, ``index.ttl_s`` otherwise). When the engine
-reports fewer cached tokens than predicted, the replica's entries past what it really had
-are dropped (stale-hit correction) and the miss is charged to the index.
-
-Lost savings per request, in tokens, by cause: ``workload`` = cacheable tokens no replica
-held, ``routing`` = what the best holder had beyond the chosen replica (the price of load
-balancing), ``index`` = predicted minus engine-reported cached, when positive.
+that frozen snapshot. What happens after the answer (cached tokens -> index, stale-hit
+correction, lost savings, metrics, the decision log line) is ``router.feedback``.
 
 The pipeline owns no HTTP: ``router.api`` parses and renders, ``router.proxy`` moves bytes.
 """
@@ -18,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -27,48 +21,26 @@ from typing import Any
 
 import orjson
 
+from router.admission import AdmissionQueue
 from router.config import RouterConfig
 from router.errors import NoHealthyBackend, NotFound, RouterError, UpstreamTimeout
+from router.feedback import Feedback
 from router.index.base import BlockIndex, IndexUnavailable
 from router.logs import log_decision
 from router.metrics import (
-    CACHED_TOKENS,
     DECISIONS,
-    LOST_SAVINGS,
-    PREDICTED_TOKENS,
-    PROMPT_TOKENS,
-    REQUEST_SECONDS,
     REQUESTS,
     STAGE_SECONDS,
-    STALE_HITS,
     STREAM_ERRORS,
-    TTFT_SECONDS,
 )
 from router.proxy.client import TimedOut, UpstreamFailure
 from router.proxy.forward import Forwarder, Opened
-from router.proxy.sse import SseTap, cached_tokens, error_event, usage_of_body
+from router.proxy.sse import SseTap, error_event, usage_of_body
 from router.request.model import RoutingRequest
 from router.request.prompt import EncodedPrompt, PromptEncoder
+from router.scheduling.filters import Saturated
 from router.scheduling.model import Candidate, Decision, RouteRequest
-from router.types import BackendId, BlockKey
-
-
-class _Series:
-    """A (model, arm)'s metric children, looked up once: ``labels()`` costs microseconds per call."""
-
-    def __init__(self, model: str, arm: str) -> None:
-        self.seconds = REQUEST_SECONDS.labels(model, arm)
-        self.ttft = TTFT_SECONDS.labels(model, arm)
-        self.prompt = PROMPT_TOKENS.labels(model, arm)
-        self.predicted = PREDICTED_TOKENS.labels(model, arm)
-        self.cached = CACHED_TOKENS.labels(model, arm)
-        self.lost = {c: LOST_SAVINGS.labels(model, arm, c) for c in ("workload", "routing", "index")}
-
-
-@functools.cache
-def _series(model: str, arm: str) -> _Series:
-    return _Series(model, arm)  # bounded: models are checked against the fleet before this
-
+from router.types import BackendId
 
 _lookup_stage = STAGE_SECONDS.labels("lookup")
 _score_stage = STAGE_SECONDS.labels("score")
@@ -113,8 +85,11 @@ class Pipeline:
         self.encoder = encoder
         self.forwarder = forwarder
         self._rng = rng or random.Random()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.feedback = Feedback(config, index, fleet)
         self._block_pinned = "block_size" in config.model_fields_set
+        self.admission = AdmissionQueue(config.admission) if config.admission.max_concurrency_per_backend else None
+        if self.admission is not None:
+            forwarder.on_release = self.admission.notify
 
     # --- prepare and gather -------------------------------------------------------------
     def check_model(self, model: str) -> None:
@@ -163,6 +138,20 @@ class Pipeline:
         _score_stage.observe(time.perf_counter() - t0)
         return decision
 
+    async def _queue(self, g: Gathered, policy: str | None) -> Decision:
+        """Every replica is at its cap: wait in the bounded queue for a slot (429 when the
+        queue is full, 503 past its deadline), re-deciding on a fresh snapshot each wake-up."""
+        assert self.admission is not None
+        deadline = self.admission.enter()
+        try:
+            while True:
+                await self.admission.wait(deadline)
+                g.candidates = self.fleet.candidates(g.route.model, g.matched)
+                with contextlib.suppress(Saturated):
+                    return self.decide(g, policy)
+        finally:
+            self.admission.leave()
+
     def _retry_after(self) -> float:
         return max(1.0, self.config.health.interval_s)
 
@@ -176,11 +165,17 @@ class Pipeline:
             arm, policy = "baseline", exp.baseline_policy
         g = await self.gather(req, session)
         try:
-            decision = self.decide(g, policy)
-        except NoHealthyBackend:
-            REQUESTS.labels("none", req.model, arm, "no_backend").inc()
+            try:
+                decision = self.decide(g, policy)
+            except Saturated:
+                if self.admission is None:
+                    raise
+                decision = await self._queue(g, policy)
+        except RouterError as exc:
+            outcome = "no_backend" if isinstance(exc, NoHealthyBackend) else "rejected"
+            REQUESTS.labels("none", req.model, arm, outcome).inc()
             log_decision(self.config.log_decisions, request_id, req.model, g.enc, g.index_available, None,
-                         arm, "no_backend", 503, started)
+                         arm, outcome, exc.status, started)
             raise
         DECISIONS.labels(decision.reason, arm).inc()
         strip = req.stream and not req.include_usage
@@ -195,7 +190,7 @@ class Pipeline:
     async def dispatch(self, r: Routed) -> Opened:
         d = r.decision
         ranked = [d.backend, *(b for b in d.ranked if b != d.backend)]
-        self._record(d.backend, r.gathered.enc.keys)
+        self.feedback.record(d.backend, r.gathered.enc.keys)
         headers = {"content-type": "application/json", "x-request-id": r.request_id}
         try:
             opened = await self.forwarder.open(ranked, PATHS[r.req.kind], r.body, headers,
@@ -209,16 +204,14 @@ class Pipeline:
             self.finish(r, None, None)
             raise
         if opened.backend != d.backend:
-            self._record(opened.backend, r.gathered.enc.keys)
+            self.feedback.record(opened.backend, r.gathered.enc.keys)
         r.status = opened.status
         if opened.status >= 400:
             r.outcome = "client_error" if opened.status < 500 else "upstream_error"
         return opened
 
     def predicted(self, r: Routed, backend: BackendId) -> int:
-        """Tokens the index predicted ``backend`` holds, capped like the engine's report."""
-        g = r.gathered
-        return min(g.matched.get(backend, 0), g.enc.cacheable_blocks) * g.enc.block_size
+        return self.feedback.predicted(r, backend)
 
     def complete(self, r: Routed, opened: Opened) -> None:
         """A non-streaming answer is whole in ``opened.first``."""
@@ -258,65 +251,10 @@ class Pipeline:
             self.finish(r, opened, tap.usage)
 
     # --- feedback -----------------------------------------------------------------------
+
     def finish(self, r: Routed, opened: Opened | None, usage: Mapping[str, Any] | None) -> None:
-        req, g, d = r.req, r.gathered, r.decision
-        backend = opened.backend if opened is not None else d.backend
-        now = time.monotonic()
-        REQUESTS.labels(backend, req.model, r.arm, r.outcome).inc()
-        series = _series(req.model, r.arm)
-        series.seconds.observe(now - r.started)
-        if opened is not None:
-            series.ttft.observe(opened.first_byte_at - r.started)
-        if opened is not None and opened.status == 200:
-            self._feedback(r, backend, usage)
-        log_decision(self.config.log_decisions, r.request_id, req.model, g.enc, g.index_available, d, r.arm,
-                     r.outcome, r.status or 0, r.started,
-                     backend=backend, cached=r.cached, attempts=opened.attempts if opened else 0)
-
-    def _feedback(self, r: Routed, backend: BackendId, usage: Mapping[str, Any] | None) -> None:
-        g, d, model, arm = r.gathered, r.decision, r.req.model, r.arm
-        bs = g.enc.block_size
-        predicted = self.predicted(r, backend)
-        cacheable = g.enc.cacheable_blocks * bs
-        series = _series(model, arm)
-        series.prompt.inc(g.enc.prompt_tokens)
-        series.predicted.inc(predicted)
-        series.lost["workload"].inc(max(0, cacheable - d.best_matched_tokens))
-        series.lost["routing"].inc(max(0, d.best_matched_tokens - predicted))
-        cached = cached_tokens(dict(usage)) if usage is not None else None
-        r.cached = cached
-        if cached is None:
-            return
-        series.cached.inc(cached)
-        # Estimates (approximate mode) and batches of prompts cannot be compared with the engine.
-        if g.enc.approximate or r.req.n_prompts != 1 or cached >= predicted:
-            return
-        series.lost["index"].inc(predicted - cached)
-        STALE_HITS.labels(backend).inc()
-        self._spawn(self._drop(backend, g.enc.keys[cached // bs:]), "index-stale-drop")
-
-    def _record(self, backend: BackendId, keys: list[BlockKey]) -> None:
-        if not keys:
-            return
-        b = self.fleet.get(backend)
-        ttl = self.config.index.speculative_ttl_s if b is not None and b.precise else self.config.index.ttl_s
-        self._spawn(self._index_call(self.index.record(backend, keys, ttl_s=ttl)), "index-record")
-
-    async def _drop(self, backend: BackendId, keys: list[BlockKey]) -> None:
-        await self._index_call(self.index.remove(backend, keys))
-
-    @staticmethod
-    async def _index_call(call: Awaitable[None]) -> None:
-        with contextlib.suppress(IndexUnavailable):  # fail open; the index wrapper counts it
-            await call
-
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.feedback.finish(r, opened, usage)
 
     async def drain(self) -> None:
         """Wait for pending index writes (shutdown)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.feedback.drain()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,8 @@ class Forwarder:
         self.fleet = fleet
         self.timeouts = config.timeouts
         self.max_retries = config.health.max_retries
+        self.on_release: Callable[[], None] | None = None
+        """Called after every released slot (admission control wakes its queue)."""
 
     async def open(self, ranked: Sequence[BackendId], path: str, body: bytes, headers: Mapping[str, str],
                    *, stream: bool, deadline: float) -> Opened:
@@ -66,12 +68,12 @@ class Forwarder:
             try:
                 opened = await self._attempt(backend, path, body, headers, stream, deadline)
             except UpstreamFailure as exc:
-                self.fleet.release(backend, False)
+                self._release(backend, False)
                 last = exc
                 continue
             except BaseException:
                 # Cancelled by the client or the server: not the replica's fault.
-                self.fleet.release(backend, True)
+                self._release(backend, True)
                 raise
             opened.attempts = attempt + 1
             if opened.response is None:
@@ -139,7 +141,12 @@ class Forwarder:
     def release(self, opened: Opened, *, ok: bool) -> None:
         if not opened.released:
             opened.released = True
-            self.fleet.release(opened.backend, ok)
+            self._release(opened.backend, ok)
+
+    def _release(self, backend: BackendId, ok: bool) -> None:
+        self.fleet.release(backend, ok)
+        if self.on_release is not None:
+            self.on_release()
 
 
 __all__ = ["Forwarder", "Opened", "StreamBroken", "TimedOut", "UpstreamFailure"]
