@@ -32,7 +32,9 @@ def _pct(x: float | None) -> str:
 
 
 def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{1000 * x:.0f}" if x >= 0.1 else f"{1000 * x:.1f}"
+    if x is None:
+        return "-"
+    return f"{1000 * x:.0f}" if x >= 0.1 else f"{1000 * x:.1f}" if x >= 0.001 else f"{1000 * x:.2f}"
 
 
 def _num(x: float | None, fmt: str = "{:.2f}") -> str:
@@ -100,18 +102,19 @@ def markdown(results: Sequence[RunResult], images: Sequence[Path], title: str | 
     opts = first.options
     mode = (f"rate {opts['rate']}/s" if first.arrival == "poisson" else
             f"concurrency {opts['concurrency'] or 8}" if first.arrival == "closed" else "trace timestamps")
-    out = [f"# {title or 'Load test'}: {first.workload}, seed {first.seed}", "",
+    out = [f"# {title or 'Load test'}", "",
+           f"- Workload `{first.workload}`, seed {first.seed}: {params}.",
            f"- Started {first.started_at}; api `{opts['api']}`, {'streaming' if opts['stream'] else 'non-streaming'}; "
            f"arrivals: {mode}; limits: {opts['max_requests'] or 'all'} requests"
            + (f", {opts['duration_s']} s." if opts["duration_s"] else ", no duration limit."),
-           f"- Workload: {params}.",
            f"- Ceiling: one unlimited prefix cache on the same requests, block size {first.block_size}, "
            "last prompt token always recomputed.", "",
            markdown_table(results), "",
            "**Reading it.** *hit rate* is cached / prompt tokens from the engines' `usage`; *hit (engine ctr)* is "
            "the same from the engines' `vllm:prefix_cache_*` counters (they include every client of those engines). "
            "*of ceiling* is hit rate / ceiling. *load max/mean* is the busiest engine's requests over the mean "
-           "(1.00 is perfect balance); *busy max/mean* the same for requests running or waiting, sampled. "
+           "(1.00 is perfect balance); *ITL p50* near 0 means tokens arrive in bursts, several per network read; "
+           "*busy max/mean* the same for requests running or waiting, sampled. "
            "Per engine, *busy* is the mean number of requests running or waiting there and *hit* its own "
            "counters' hit rate.", "",
            "## Per engine", "", _engine_table(results), ""]
