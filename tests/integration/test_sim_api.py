@@ -251,3 +251,27 @@ def test_a_miss_costs_prefill_time_a_hit_does_not() -> None:
         assert miss >= 0.07
         assert hit < miss - 0.04
         assert fleet.stats(0)["prefill_seconds"] >= 0.075
+
+
+def test_a_client_that_goes_away_frees_its_slot_and_blocks() -> None:
+    timing = ["--decode-ms", "20", "--decode-ms-per-seq", "0"]
+    with (
+        SimFleet(1, zero=False, extra_args=timing) as fleet,
+        httpx.Client(trust_env=False, timeout=10) as http,
+    ):
+        url = fleet.urls[0]
+        body = {"prompt": list(range(10, 100)), "max_tokens": 200, "stream": True}  # 4 s if left to finish
+        with http.stream("POST", url + "/v1/completions", json=body) as r:
+            lines = r.iter_lines()  # held: dropping the iterator would close the response at once
+            for line in lines:
+                if line.startswith("data: {"):
+                    break
+            assert metrics(http, url)["vllm:num_requests_running"] == 1
+            assert metrics(http, url)["vllm:kv_cache_usage_perc"] > 0
+        deadline = time.monotonic() + 2
+        while fleet.stats(0)["running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stats = fleet.stats(0)
+        assert stats["running"] == 0 and stats["kv_cache_usage"] == 0
+        assert stats["generation_tokens"] < 100  # stopped early, not run to the end
+        assert all(b["ref_cnt"] == 0 for b in fleet.cache(0).values())

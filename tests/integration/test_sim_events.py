@@ -190,6 +190,9 @@ async def test_subscriber_picture_equals_engine_cache(positional: bool, bytes_ha
         for i in range(2):
             assert pictures[i].blocks == engine_picture(fleet, i)
         assert [p.restarts for p in pictures] == [0, 1]
+        for i in range(2):  # every request, finished or walked away from, let go of its blocks
+            assert all(b["ref_cnt"] == 0 for b in (await fleet.acache(i)).values())
+            assert (await fleet.astats(i))["kv_cache_usage"] == 0
         assert [p.cleared for p in pictures] == [1, 0]
 
 
