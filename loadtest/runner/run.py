@@ -112,6 +112,7 @@ class _Run:
     progress: Progress | None = None
     task_id: Any = None
     failed: int = 0
+    label: str = ""
 
     def __post_init__(self) -> None:
         self._urls = itertools.cycle(self.targets)
@@ -134,7 +135,7 @@ class _Run:
             self.replies[record.index] = reply
             self.failed += 0 if record.ok else 1
             if self.progress is not None:
-                self.progress.update(self.task_id, advance=1, description=f"{self.workload.name} errors={self.failed}")
+                self.progress.update(self.task_id, advance=1, description=f"{self.label} errors={self.failed}")
             if not record.ok:
                 return  # later turns need this reply; the conversation ends here
             history.replies.append(reply)
@@ -208,6 +209,7 @@ async def run_workload(workload: Workload, target: str | Sequence[str], options:
     """Send ``workload`` to ``target`` (one URL, or several engines taken in turn) and measure it."""
     opts = options or RunOptions()
     targets = [target] if isinstance(target, str) else list(target)
+    arm = name or (targets[0] if len(targets) == 1 else "direct-round-robin")
     arrival = opts.arrival(workload)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     timeout = httpx.Timeout(opts.request_timeout_s, connect=10.0)
@@ -222,7 +224,8 @@ async def run_workload(workload: Workload, target: str | Sequence[str], options:
         console = Console(stderr=True)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, disable=not opts.progress, transient=False) as progress:
-            run.progress, run.task_id = progress, progress.add_task(workload.name, total=budget)
+            run.label = f"{arm}: {workload.name}"
+            run.progress, run.task_id = progress, progress.add_task(run.label, total=budget)
             run.t0 = time.perf_counter()
             cpu0 = time.process_time()
             if arrival == "closed":
@@ -246,7 +249,7 @@ async def run_workload(workload: Workload, target: str | Sequence[str], options:
     # Near 1.0 the generator itself was CPU-bound and its latencies include its own queueing.
     summary["client_cpu_share"] = cpu / wall if wall > 0 else 0.0
     return RunResult(
-        name=name or (targets[0] if len(targets) == 1 else "direct-round-robin"),
+        name=arm,
         targets=targets, workload=workload.name, seed=workload.seed, workload_params=dict(workload.params),
         options=dataclasses.asdict(opts), arrival=arrival, engine_urls=engine_urls, block_size=block_size,
         started_at=datetime.now(UTC).isoformat(timespec="seconds"), records=run.records,
