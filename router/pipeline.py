@@ -40,6 +40,7 @@ from router.request.model import RoutingRequest
 from router.request.prompt import EncodedPrompt, PromptEncoder
 from router.scheduling.filters import Saturated
 from router.scheduling.model import Candidate, Decision, RouteRequest
+from router.tenancy import Tenancy
 from router.types import BackendId
 
 _lookup_stage = STAGE_SECONDS.labels("lookup")
@@ -86,6 +87,7 @@ class Pipeline:
         self.forwarder = forwarder
         self._rng = rng or random.Random()
         self.feedback = Feedback(config, index, fleet)
+        self.tenancy = Tenancy(config.auth)
         self._block_pinned = "block_size" in config.model_fields_set
         self.admission = AdmissionQueue(config.admission) if config.admission.max_concurrency_per_backend else None
         if self.admission is not None:
@@ -184,6 +186,8 @@ class Pipeline:
             opts = dict(req.body.get("stream_options") or {})
             opts["include_usage"] = True
             body = orjson.dumps({**req.body, "stream_options": opts})
+        elif req.edited:
+            body = orjson.dumps(req.body)
         return Routed(req, request_id, g, decision, arm, started,
                       started + self.config.timeouts.total_s, body, strip)
 

@@ -40,10 +40,18 @@ async def metrics(request: Request) -> Response:
 
 
 async def debug_route(request: Request) -> Response:
-    """Dry run: what the router would do with this request, without sending it."""
+    """Dry run: what the router would do with this request, without sending it.
+
+    Open when no admin token is configured (tests, demos and the real-vLLM checks use it);
+    with one, it requires it like every admin endpoint."""
     pipeline: Pipeline = request.app.state.pipeline
+    if pipeline.tenancy.admin_enabled:
+        pipeline.tenancy.check_admin(request.headers)
+    # A tenant sees its own prefixes only: the same server-side salt as its real requests.
+    tenant = pipeline.tenancy.identify(request.headers)
     raw = await read_body(request, pipeline.config.max_body_bytes)
     req = parse_request(raw, guess_kind(parse_json(raw)))
+    req.set_salt(pipeline.tenancy.salt_for(tenant, req.cache_salt))
     pipeline.check_model(req.model)
     header = pipeline.config.scheduling.session_header
     g = await pipeline.gather(req, request.headers.get(header) if header else None)

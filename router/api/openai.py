@@ -40,9 +40,11 @@ def request_id(request: Request) -> str:
 
 async def _route(request: Request, kind: Kind) -> ASGIApp:
     pipeline: Pipeline = request.app.state.pipeline
+    tenant = pipeline.tenancy.identify(request.headers)  # before reading a body nobody may send
     raw = await read_body(request, pipeline.config.max_body_bytes)
     t0 = time.perf_counter()
     req = parse_request(raw, kind)
+    req.set_salt(pipeline.tenancy.salt_for(tenant, req.cache_salt))
     _parse_stage.observe(time.perf_counter() - t0)
     header = pipeline.config.scheduling.session_header
     session = request.headers.get(header) if header else None
@@ -60,6 +62,7 @@ async def chat_completions(request: Request) -> ASGIApp:
 
 async def models(request: Request) -> Response:
     pipeline: Pipeline = request.app.state.pipeline
+    pipeline.tenancy.identify(request.headers)
     names = sorted(pipeline.fleet.models())
     data = [{"id": m, "object": "model", "created": 0, "owned_by": "cache-router"} for m in names]
     return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")

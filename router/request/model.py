@@ -33,3 +33,16 @@ class RoutingRequest:
     """Completions accept a batch of prompts; keys come from the first, feedback only when 1."""
     chat_options: dict[str, Any] = field(default_factory=dict)
     """add_generation_prompt, continue_final_message, tools, chat_template_kwargs."""
+    edited: bool = False
+    """``body`` was changed (e.g. a server-derived cache_salt): forward it re-serialized, not ``raw``."""
+
+    def set_salt(self, salt: str | None) -> None:
+        """Replace the cache salt, in the keys and in what the engine receives."""
+        if salt == self.cache_salt:
+            return
+        self.cache_salt = salt
+        if salt is None:
+            self.body.pop("cache_salt", None)
+        else:
+            self.body["cache_salt"] = salt
+        self.edited = True
