@@ -73,6 +73,24 @@ async def compare(workload: Workload, arms: Mapping[str, str | Sequence[str]], e
     return results
 
 
+async def compare_many(workloads: Sequence[Workload], arms: Mapping[str, str | Sequence[str]],
+                       engines: Sequence[str], options: RunOptions | None = None, *, direct_round_robin: bool = False,
+                       reset: bool = True, out_dir: Path | None = None,
+                       title: str | None = None) -> dict[str, list[RunResult]]:
+    """``compare`` for each workload in turn; with ``out_dir``: ``<workload>/compare.*`` and ``summary.md``."""
+    by_workload: dict[str, list[RunResult]] = {}
+    for workload in workloads:
+        sub = None if out_dir is None else Path(out_dir) / workload.name
+        by_workload[workload.name] = await compare(
+            workload, arms, engines, options, direct_round_robin=direct_round_robin, reset=reset, out_dir=sub,
+            title=f"{title or 'Comparison'}: {workload.name}")
+    if out_dir is not None:
+        from loadtest.report import write_matrix
+
+        write_matrix(by_workload, Path(out_dir), title)
+    return by_workload
+
+
 def _arm(text: str) -> tuple[str, str]:
     name, sep, url = text.partition("=")
     if not sep or not name or not url.startswith("http"):
@@ -87,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--direct-round-robin", action="store_true",
                         help="add an arm that sends straight to the engines in turn (no proxy)")
     parser.add_argument("--no-reset", action="store_true", help="do not reset the engines' caches between arms")
-    parser.add_argument("--out", type=Path, required=True, help="directory for compare.json, compare.md, PNGs")
-    add_workload_args(parser)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="directory for compare.json, compare.md, PNGs (several workloads: one folder each "
+                             "plus summary.md)")
+    add_workload_args(parser, many=True)
     add_run_args(parser)
     return parser
 
@@ -102,17 +122,30 @@ def main(argv: list[str]) -> int:
         parser.error("give at least one --target NAME=URL or --direct-round-robin")
     engines = [e.rstrip("/") for e in args.engines]
 
-    async def go() -> list[RunResult]:
-        workload = await prepare_workload(args.workload, args.seed, engines, **workload_params(args))
-        return await compare(workload, dict(args.target), engines, run_options(args, engines),
-                             direct_round_robin=args.direct_round_robin, reset=not args.no_reset, out_dir=args.out)
+    names: list[str] = list(dict.fromkeys(args.workload))
 
-    results = asyncio.run(go())
-    from loadtest.report import print_table
+    async def go() -> dict[str, list[RunResult]]:
+        workloads = [await prepare_workload(n, args.seed, engines, **workload_params(args)) for n in names]
+        opts = run_options(args, engines)
+        if len(workloads) == 1:
+            results = await compare(workloads[0], dict(args.target), engines, opts,
+                                    direct_round_robin=args.direct_round_robin, reset=not args.no_reset,
+                                    out_dir=args.out)
+            return {names[0]: results}
+        return await compare_many(workloads, dict(args.target), engines, opts,
+                                  direct_round_robin=args.direct_round_robin, reset=not args.no_reset, out_dir=args.out)
 
-    print_table(results)
-    print(f"wrote {args.out}/compare.json, compare.md and compare-*.png")
-    return 0 if all(r.summary["ok"] for r in results) else 1
+    by_workload = asyncio.run(go())
+    from loadtest.report import print_matrix, print_table
+
+    for results in by_workload.values():
+        print_table(results)
+    if len(by_workload) > 1:
+        print_matrix(by_workload)
+        print(f"wrote {args.out}/summary.md and {args.out}/<workload>/compare.*")
+    else:
+        print(f"wrote {args.out}/compare.json, compare.md and compare-*.png")
+    return 0 if all(r.summary["ok"] for rs in by_workload.values() for r in rs) else 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ share per engine per arm, and hit rate per arm beside the ceiling.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +213,69 @@ def write_report(results: Sequence[RunResult], out_json: Path, title: str | None
     md = out_json.with_suffix(".md")
     md.write_text(markdown(results, images, title))
     return {"json": out_json, "markdown": md, "ttft": images[0], "engines": images[1], "hit_rate": images[2]}
+
+
+MATRIX_COLUMNS = ("workload", "arm", "hit rate", "ceiling", "of ceiling", "TTFT p99 ms", "E2E p99 ms", "req/s",
+                  "load max/mean", "errors")
+
+
+def matrix_rows(by_workload: Mapping[str, Sequence[RunResult]]) -> list[list[str]]:
+    """One row per (workload, arm): the figures a README table needs."""
+    rows = []
+    for workload, results in by_workload.items():
+        for r in results:
+            s = r.summary
+            rows.append([workload, r.name, _pct(s["hit_rate_usage"]), _pct(s["ceiling"]), _pct(s["of_ceiling"]),
+                         _ms(s["ttft_s"]["p99"]), _ms(s["e2e_s"]["p99"]), _num(s["throughput_rps"], "{:.1f}"),
+                         _num(s["load_balance"]), str(s["requests"] - s["ok"])])
+    return rows
+
+
+def plot_matrix_hit_rate(by_workload: Mapping[str, Sequence[RunResult]], path: Path) -> Path:
+    """Hit rate by policy for every workload: grouped bars, the ceiling as a black tick per workload."""
+    workloads = list(by_workload)
+    arms = list(dict.fromkeys(r.name for rs in by_workload.values() for r in rs))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(workloads)), 4))
+    width = 0.8 / max(1, len(arms))
+    x = np.arange(len(workloads))
+    for i, arm in enumerate(arms):
+        values = [100 * next((r.summary["hit_rate_usage"] or 0.0 for r in by_workload[w] if r.name == arm), 0.0)
+                  for w in workloads]
+        ax.bar(x + i * width, values, width, label=arm)
+    ceilings = [100 * max((r.summary["ceiling"] or 0.0) for r in by_workload[w]) for w in workloads]
+    ax.hlines(ceilings, x - width / 2, x + width * (len(arms) - 0.5), colors="black", label="ceiling")
+    ax.set_xticks(x + width * (len(arms) - 1) / 2, workloads, fontsize=8)
+    ax.set_ylabel("prompt tokens served from cache (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Hit rate by policy and workload")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def write_matrix(by_workload: Mapping[str, Sequence[RunResult]], out_dir: Path, title: str | None = None) -> Path:
+    """``summary.md`` and ``summary-hit-rate.png`` over several workloads' comparisons."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image = plot_matrix_hit_rate(by_workload, out_dir / "summary-hit-rate.png")
+    lines = [f"# {title or 'Comparison across workloads'}", "",
+             "| " + " | ".join(MATRIX_COLUMNS) + " |", "|---|---|" + "---:|" * (len(MATRIX_COLUMNS) - 2)]
+    lines += ["| " + " | ".join(row) + " |" for row in matrix_rows(by_workload)]
+    lines += ["", "Each workload's full report: `<workload>/compare.md`.", "", f"![hit rate]({image.name})", ""]
+    path = out_dir / "summary.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def print_matrix(by_workload: Mapping[str, Sequence[RunResult]]) -> None:
+    table = Table(title="Comparison across workloads")
+    for col in MATRIX_COLUMNS:
+        table.add_column(col, justify="left" if col in ("workload", "arm") else "right")
+    for row in matrix_rows(by_workload):
+        table.add_row(*row)
+    console = Console()
+    (console if console.is_terminal else Console(width=160)).print(table)
 
 
 def load_results(path: Path) -> list[RunResult]:

@@ -21,9 +21,10 @@ from loadtest.workloads import WORKLOAD_NAMES, Workload, build_workload
 from loadtest.workloads.text import SIM_MODEL_DIR
 
 
-def add_workload_args(parser: argparse.ArgumentParser) -> None:
+def add_workload_args(parser: argparse.ArgumentParser, many: bool = False) -> None:
     g = parser.add_argument_group("workload (defaults per workload kind when omitted)")
-    g.add_argument("--workload", required=True, choices=WORKLOAD_NAMES)
+    g.add_argument("--workload", required=True, choices=WORKLOAD_NAMES, nargs="+" if many else None,
+                   help="several names: one comparison each, plus a summary across them" if many else None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--requests", type=int, help="requests to generate and send (workload default: 200)")
     g.add_argument("--groups", type=int, help="shared_prefix: distinct system prompts")

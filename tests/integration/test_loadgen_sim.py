@@ -126,3 +126,19 @@ async def test_poisson_run_stops_at_the_duration(engines: list[str]) -> None:
     assert 20 < s["requests"] < 200
     assert max(r.start_s for r in result.records) <= 0.6
     assert s["hit_rate_usage"] == 0.0 and s["ceiling"] == 0.0
+
+
+def test_compare_cli_over_two_workloads_writes_a_summary(engines: list[str], tmp_path: Path) -> None:
+    from loadtest.compare import main as compare_main
+
+    argv = ["--workload", "zero_reuse", "hot_prefix", "--seed", "1", "--requests", "16", "--system-tokens", "64",
+            "--question-tokens", "8", "--output-tokens", "2", "--concurrency", "2", "--direct-round-robin",
+            "--target", f"one={engines[3]}", "--engines", *engines, "--no-progress", "--out", str(tmp_path)]
+    assert compare_main(argv) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| zero_reuse | direct-round-robin | 0.0% | 0.0% |" in summary
+    assert "| hot_prefix | one |" in summary
+    for name in ("zero_reuse", "hot_prefix"):
+        arms = json.loads((tmp_path / name / "compare.json").read_text())["arms"]
+        assert [a["name"] for a in arms] == [DIRECT, "one"] and all(a["summary"]["ok"] == 16 for a in arms)
+    assert (tmp_path / "summary-hit-rate.png").read_bytes()[:4] == b"\x89PNG"
