@@ -11,7 +11,8 @@ engine's 64 blocks, so the router's picture and the engine's cache can be compar
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,13 @@ import openai
 import pytest
 
 from router.hashing.tokenizer import ModelTokenizer
+from router.metrics import REGISTRY
+from router.types import BackendId
 from tests.support.router import router_config, running_router
 from tests.support.servers import UvicornThread
 from tests.vllm.engine import BLOCK_SIZE, SERVED_MODEL, VllmEngine
 from tests.vllm.prediction import Words
+from tests.vllm.sync import EngineSync, ingest_of
 
 pytestmark = pytest.mark.vllm
 
@@ -55,6 +59,8 @@ class RouterClient:
         )
         self.http = httpx.Client(base_url=router.url, timeout=30.0)
         self.hops: list[Hop] = []
+        self.after: Callable[[], None] | None = None  # precise mode: wait for the engine's events
+        self.sync: EngineSync | None = None
 
     def dry_run(self, body: dict[str, Any]) -> int:
         response = self.http.post(
@@ -102,6 +108,8 @@ class RouterClient:
             usage.prompt_tokens_details.cached_tokens or 0, headers["x-cache-router-backend"],
         )  # fmt: skip
         self.hops.append(hop)
+        if self.after is not None:
+            self.after()
         return hop
 
     def table(self) -> str:
@@ -172,3 +180,84 @@ def test_chat_through_the_router(via_router: RouterClient, words: Words) -> None
     via_router.chat("other user again (stream)", other, stream=True)
     via_router.assert_all_match()
     assert all(h.cached > 0 for h in via_router.hops[1:]), via_router.table()
+
+
+@pytest.fixture
+def via_precise_router(
+    fresh_engine: VllmEngine, tiny_model_dir: Path, tmp_path: Path
+) -> Iterator[RouterClient]:
+    """The router in precise mode: it binds the SUB the engine's PUB connects to (topic kv)."""
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN_TOKEN)
+    backend = {
+        "url": fresh_engine.url,
+        "kv_topic": fresh_engine.topic,
+        "kv_replay": fresh_engine.replay_endpoint,
+    }
+    config = router_config(
+        [backend], policy="cache_aware", tokenizer=str(tiny_model_dir), block_size=BLOCK_SIZE,
+        kv_events_bind=fresh_engine.events_endpoint, index={"mode": "precise"},
+        auth={"admin_token_file": str(token_file)},
+    )  # fmt: skip
+    with running_router(config) as router:
+        applier = ingest_of(router.server.config.app).applier(BackendId(fresh_engine.url))
+        assert applier is not None, "the router ingests no events from the engine"
+        sync = EngineSync(fresh_engine.replay_endpoint, applier)
+        client = RouterClient(router, fresh_engine)
+        client.sync = sync
+        for attempt in range(20):  # until the engine's PUB has joined (slow joiner) and the router caught up
+            client.client.completions.create(
+                model=SERVED_MODEL, prompt=f"warm-up {attempt}" + " x" * 40, max_tokens=1
+            )
+            sync.settle()
+            if applier.state.expected is not None:
+                break
+        else:
+            raise AssertionError("no KV event from the engine reached the router")
+        client.after = sync.settle
+        yield client
+        client.close()
+
+
+def test_precise_mode_through_eviction_reset_and_restart(
+    via_precise_router: RouterClient, words: Words
+) -> None:
+    """/debug/route and the header equal cached_tokens after BlockRemoved, AllBlocksCleared and a restart."""
+    rc = via_precise_router
+    url = rc.engine.url
+    sync = rc.sync
+    assert sync is not None
+    shared = words.text(70)
+    prompts = [shared + words.text(300) for _ in range(8)]  # 11 blocks each, 2 shared: 74 > 64 blocks
+    for i, prompt in enumerate(prompts):
+        rc.completion(f"fill {i}", prompt)
+    for i in (0, 7, 1):
+        rc.completion(f"revisit {i}", prompts[i])
+    assert (REGISTRY.get_sample_value("cache_router_kv_events_total", {"backend": url, "type": "BlockRemoved"})
+            or 0) > 0, "no eviction reached the router\n" + rc.table()  # fmt: skip
+
+    rc.engine.reset_prefix_cache()
+    rc.completion("unrelated, after reset", words.text(50))  # carries AllBlocksCleared
+    rc.completion("after reset: 7", prompts[7])
+    rc.completion("after reset: 7 again", prompts[7])
+
+    seq_before = sync.applier.state.expected or 0
+    rc.engine.restart()  # same ports: the new process connects to the router's SUB again
+    sync.engine_restarted()
+    wait_ready(rc)
+    rc.completion("unrelated, after restart", words.text(60))  # its batch has seq 0
+    assert (sync.applier.state.expected or 0) < seq_before, "the router did not follow the sequence back to 0"
+    rc.completion("after restart: 1", prompts[1])
+    rc.completion("after restart: 1 again", prompts[1])
+    rc.assert_all_match()
+    cached = {h.label: h.cached for h in rc.hops}
+    assert cached["after reset: 7"] == 0 and cached["after restart: 1"] == 0, rc.table()
+    assert cached["after reset: 7 again"] == cached["after restart: 1 again"] == 352, rc.table()
+
+
+def wait_ready(rc: RouterClient, timeout: float = 30.0) -> None:
+    """After an engine restart: until the router's health probes see the replica again."""
+    deadline = time.monotonic() + timeout
+    while rc.http.get("/ready").status_code != 200:
+        assert time.monotonic() < deadline, "the router never saw the restarted engine healthy"
+        time.sleep(0.1)
