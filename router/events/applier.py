@@ -139,6 +139,27 @@ class ReplicaApplier:
             st.need_resync = False
             await self._resync(upto=seq + 1, reason="BlockStored with an unknown parent")
 
+    async def bootstrap(self) -> None:
+        """Before the first live batch: learn what the engine holds from its replay buffer.
+
+        An engine that never published (empty buffer) holds nothing: precise at once. One whose
+        buffer reaches back to seq 0 is rebuilt exactly. Otherwise (no replay socket, no answer,
+        buffer truncated) the first live batch decides, as in ``apply``.
+        """
+        if self._replay is None or self.state.expected is not None or self.state.disabled is not None:
+            return
+        batches = await self._replay(0)
+        if batches is None:
+            return
+        if not batches:
+            self.state.expected = 0
+            self._set_precise(True)
+            return
+        if batches[0][0] != 0:
+            return  # truncated: the first live batch's resync clears and replays what is there
+        await self._clear()
+        await self._replay_range(0, batches[-1][0] + 1, need_start=True)
+
     async def on_fleet_restart(self) -> None:
         """The fleet saw the engine restart by other means (metrics counters went back)."""
         if self._clock() - self._reported_restart_at < _OWN_REPORT_WINDOW_S:

@@ -199,6 +199,7 @@ class EventIngest:
             self._by_topic[cfg.kv_topic.encode()] = rep
             log.info("kv events: %s: topic %r on the bound endpoint (replay %s)", backend.id, cfg.kv_topic,
                      cfg.kv_replay)
+        rep.queue.put_nowait(applier.bootstrap)  # first in its queue: before any live batch
         self._spawn(rep.tasks, self._worker(rep), f"kv-events-apply:{backend.id}")
         if self._http is not None:
             self._spawn(rep.tasks, self._selfcheck(rep), f"kv-selfcheck:{backend.id}")

@@ -126,6 +126,11 @@ async def make_rig() -> AsyncIterator[Callable[..., Any]]:
         ingest = EventIngest(config, index, fleet)
         await ingest.start()
         await pub.wait_subscribed()
+        applier = ingest.applier(BackendId(URL_A))
+        assert applier is not None
+        if replay:  # the bootstrap replay has run (else it could swallow the gap a test makes)
+            await until(lambda: applier.state.expected is not None)
+            assert fleet.items[URL_A].precise  # an engine that never published holds nothing: exact
         rig = Rig(ctx, pub, ingest, index, fleet)
         made.append(rig)
         return rig
@@ -380,4 +385,32 @@ async def test_bound_mode_many_engines_one_endpoint_by_topic() -> None:
         await ingest.stop()
         for p in pubs:
             await p.close()
+        ctx.term()
+
+
+async def test_bootstrap_from_replay_before_any_live_event() -> None:
+    ctx = zmq.asyncio.Context()
+    idle = SpecPublisher(ctx, f"tcp://127.0.0.1:{free_port()}", replay_endpoint=f"tcp://127.0.0.1:{free_port()}")
+    busy = SpecPublisher(ctx, f"tcp://127.0.0.1:{free_port()}", replay_endpoint=f"tcp://127.0.0.1:{free_port()}")
+    held = tokens(3, 62)
+    await busy.publish([busy.stored([busy.block_hash(0), busy.block_hash(1)], None, held[: 2 * BS])])
+    await busy.publish([busy.stored([busy.block_hash(2)], busy.block_hash(1), held[2 * BS :])])
+    config = RouterConfig(backends=[
+        BackendConfig(url=URL_A, kv_events=idle.endpoint, kv_replay=idle.replay_endpoint),
+        BackendConfig(url=URL_B, kv_events=busy.endpoint, kv_replay=busy.replay_endpoint)])
+    fleet = FleetStandIn({URL_A: backend(URL_A), URL_B: backend(URL_B)})
+    index = MemoryBlockIndex()
+    ingest = EventIngest(config, index, fleet)
+    await ingest.start()
+    try:
+        # no live batch at all: the idle engine never published (precise, empty), the busy one is rebuilt
+        await until(lambda: fleet.items[URL_A].precise and fleet.items[URL_B].precise)
+        assert index.lookup_now(prompt_keys(held, BS, MODEL)) == {URL_B: 3}
+        await busy.wait_subscribed()
+        await busy.publish([busy.removed([busy.block_hash(2)])])  # live seq 2 continues the replayed 0..1
+        await until(lambda: index.lookup_now(prompt_keys(held, BS, MODEL)) == {URL_B: 2})
+    finally:
+        await ingest.stop()
+        await idle.close()
+        await busy.close()
         ctx.term()
