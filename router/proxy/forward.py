@@ -79,8 +79,9 @@ class Forwarder:
             if opened.response is None:
                 self.release(opened, ok=opened.status < 500)
             return opened
-        if isinstance(last, TimedOut):
-            raise UpstreamTimeout(f"no replica answered within {self.timeouts.first_byte_s:g}s")
+        if isinstance(last, TimedOut) or time.monotonic() >= deadline:
+            raise UpstreamTimeout(f"no replica answered within {self.timeouts.first_byte_s:g}s"
+                                  if isinstance(last, TimedOut) else "the request's total timeout passed")
         detail = f": {last}" if last is not None else ""
         raise UpstreamError(f"every replica tried failed before answering{detail}")
 

@@ -64,6 +64,18 @@ def test_5xx_is_retried_on_another_replica_before_the_first_byte() -> None:
         assert metric(router.url, "cache_router_retries_total", reason="status") - before == len(bad.requests)
 
 
+def test_connect_error_is_retried_on_another_replica() -> None:
+    with scripted_engines(2) as (dead, good), \
+            running_router(backends=[dead.url, good.url], health={"interval_s": 30}) as router:
+        dead.stop()  # still "healthy" to the fleet until its next probe, 30 s away
+        before = metric(router.url, "cache_router_retries_total", reason="connect")
+        for i in range(4):
+            resp = httpx.post(router.url + "/v1/completions", timeout=10,
+                              json={"model": "sim-model", "prompt": f"{i} {PROMPT}", "stream": i % 2 == 1})
+            assert resp.status_code == 200 and resp.headers["x-cache-router-backend"] == good.url
+        assert metric(router.url, "cache_router_retries_total", reason="connect") > before
+
+
 def test_broken_stream_ends_with_sse_error_and_is_not_retried() -> None:
     with scripted_engines(2, mode="die") as engines, \
             running_router(backends=[e.url for e in engines]) as router:
