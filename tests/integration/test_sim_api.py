@@ -157,6 +157,7 @@ def test_models_health_and_metrics(fleet: SimFleet, http: httpx.Client) -> None:
         ("/v1/completions", b'{"prompt": "hi", "max_tokens": 99999999}', 400),
         ("/v1/completions", b'{"prompt": "hi", "stream": "yes"}', 400),
         ("/v1/completions", b'{"prompt": "hi", "cache_salt": 7}', 400),
+        ("/v1/completions", b'{"prompt": "hi", "stream_options": {"include_usage": true}}', 400),
         ("/v1/completions", b'{"prompt": "hi", "model": "nope"}', 404),
         ("/v1/chat/completions", b'{"messages": []}', 400),
         ("/v1/chat/completions", b'{"messages": [{"content": "no role"}]}', 400),
