@@ -129,6 +129,11 @@ def markdown(results: Sequence[RunResult], images: Sequence[Path], title: str | 
             out.append(f"| {r.name} | {s['predicted_requests']} | {s['predicted_tokens']} | "
                        f"{s['predicted_cached_tokens']} | {s['stale_predictions']} ({_pct(stale)}) |")
         out.append("")
+    late = [r.name for r in results if (r.summary.get("late_s", {}).get("p99") or 0.0) > 0.010]
+    if late:
+        out += [f"**Warning:** in {late} the generator sent 1% of requests more than 10 ms after their "
+                "scheduled arrival (see `late_s` in the JSON); latencies are timed from the real send, so they "
+                "understate what clients arriving on time would see.", ""]
     busy_client = [r.name for r in results if r.summary.get("client_cpu_share", 0.0) > 0.8]
     if busy_client:
         out += [f"**Warning:** the load generator used more than 80% of a core during {busy_client}; its "

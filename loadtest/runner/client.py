@@ -39,6 +39,7 @@ class RequestRecord:
     completion_tokens: int | None = None
     backend: str | None = None         # x-cache-router-backend
     matched_tokens: int | None = None  # x-cache-router-matched-tokens (the router's prediction)
+    late_s: float | None = None        # open loop: sent this long after its scheduled arrival
 
 
 def _text_of(chunk: dict[str, Any]) -> str:

@@ -120,7 +120,7 @@ class _Run:
     def may_send(self) -> bool:
         return len(self.records) < self.budget and time.perf_counter() < self.deadline
 
-    async def conversation(self, conv: Conversation) -> None:
+    async def conversation(self, conv: Conversation, scheduled_s: float | None = None) -> None:
         history = History(conv)
         for i in range(len(conv.turns)):
             if not self.may_send():
@@ -129,6 +129,10 @@ class _Run:
                 await asyncio.sleep(self.options.think_time_s)
             path, body = history.body(i, self.options.api, self.model)
             record = RequestRecord(len(self.records), conv.id, i, time.perf_counter() - self.t0, next(self._urls))
+            if i == 0 and scheduled_s is not None:
+                # Open loop: how late the generator sent it. Latencies are timed from the real send, so a
+                # late generator would hide queueing (coordinated omission); the report flags it.
+                record.late_s = max(0.0, record.start_s - scheduled_s)
             self.records.append(record)
             self.sent.append((record.index, path, body))
             reply = await send(self.client, record, path, body, self.options.stream)
@@ -148,7 +152,7 @@ class _Run:
                 await asyncio.sleep(delay)
             if not self.may_send():
                 break
-            tasks.append(asyncio.create_task(self.conversation(conv), name=f"loadtest-conv-{conv.id}"))
+            tasks.append(asyncio.create_task(self.conversation(conv, at), name=f"loadtest-conv-{conv.id}"))
         await asyncio.gather(*tasks)
 
     async def closed_loop(self, concurrency: int) -> None:

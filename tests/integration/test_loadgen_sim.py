@@ -125,6 +125,8 @@ async def test_poisson_run_stops_at_the_duration(engines: list[str]) -> None:
     s = result.summary
     assert 20 < s["requests"] < 200
     assert max(r.start_s for r in result.records) <= 0.6
+    assert all(r.late_s is not None and r.late_s >= 0 for r in result.records)  # dispatch lag is measured
+    assert s["late_s"]["p50"] is not None
     assert s["hit_rate_usage"] == 0.0 and s["ceiling"] == 0.0
 
 
