@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-from router.api.errors import error_response
+from router.api.errors import error_response, internal_error
 from router.errors import RouterError
 from router.pipeline import Pipeline, Routed
 
@@ -34,12 +34,24 @@ class ProxyResponse:
         main = asyncio.current_task()
         assert main is not None
         watcher = asyncio.create_task(self._watch(receive, main), name="client-disconnect-watch")
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
         try:
-            await self._serve(scope, receive, send)
+            await self._serve(scope, receive, tracked)
         except asyncio.CancelledError:
             if not self._left:
                 raise
             main.uncancel()
+        except Exception as exc:  # a bug: never let a traceback (or a prompt) reach the client
+            if not started:
+                await internal_error(exc, scope["path"])(scope, receive, send)
+            else:
+                internal_error(exc, scope["path"])  # logged; the stream just ends
         finally:
             watcher.cancel()
 
