@@ -104,7 +104,7 @@ class Engine:
     def step_done(self) -> None:
         """End of an engine step: this step's cache events go out as one batch."""
         events = self.cache.take_events()
-        if self._cleared_pending and events is not None:
+        if self._cleared_pending:
             events.insert(0, Cleared())
             self._cleared_pending = False
         if self.publisher is not None and events:

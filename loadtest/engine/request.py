@@ -122,7 +122,9 @@ class RequestParser:
         if options is not None and not isinstance(options, dict):
             raise ApiError(400, "stream_options must be an object", param="stream_options")
         if options and not stream:  # as vLLM's request validator
-            raise ApiError(400, "Stream options can only be defined when `stream=True`.", param="stream_options")
+            raise ApiError(
+                400, "Stream options can only be defined when `stream=True`.", param="stream_options"
+            )
         _int_field(body, "n", 1, 1, 1)
         seed = _int_field(body, "seed", None, -(2**63), 2**63 - 1)
         limit = engine.config.max_model_len
