@@ -182,3 +182,50 @@ async def test_tricky_text_tokenizes_identically(
         await exchange.chat(f"chat tricky {i} again", [{"role": "user", "content": text * 2}])
     exchange.assert_all_match()
     assert sum(r.cached for r in exchange.rows[len(TRICKY) * 2 :]) > 0, exchange.table()
+
+
+def long_text(tokenizer: ModelTokenizer, seed: int, max_tokens: int) -> str:
+    """Several thousand characters of mixed text: long enough for the router's piecewise
+    tokenization (router.hashing.segments), with punctuation, digits, accents and CJK at the cuts."""
+    words = Words(tokenizer, seed=seed)
+    seps = [
+        " ",
+        " ",
+        " ",
+        ", ",
+        ". ",
+        "\n",
+        " — ",
+        "  ",
+        " (",
+        ") ",
+        ": ",
+        "'s ",
+        " 42 ",
+        " naïve ",
+        " 日本 ",
+        "\n\n",
+    ]
+    parts: list[str] = []
+    while len(tokenizer.encode("".join(parts), add_special_tokens=False)) < max_tokens:
+        parts.extend(words.rng.choice(words.words) + words.rng.choice(seps) for _ in range(20))
+    text = "".join(parts)
+    while len(tokenizer.encode(text, add_special_tokens=False)) > max_tokens:
+        text = text[: int(len(text) * 0.95)]
+    return text
+
+
+async def test_long_prompts_tokenize_identically(
+    fresh_engine: VllmEngine, exchange: Exchange, tokenizer: ModelTokenizer
+) -> None:
+    text = long_text(tokenizer, seed=8, max_tokens=900)
+    assert len(text) > 2 * 1024, "too short to take the router's piecewise path"
+    await exchange.completion("long", text)
+    await exchange.completion("long, extended", text + " and then some more words at the end")
+    await exchange.completion("long again", text)
+    await reset(fresh_engine, exchange)
+    chat = [{"role": "system", "content": "Summarise."}, {"role": "user", "content": text}]
+    await exchange.chat("long chat", chat)
+    await exchange.chat("long chat again", chat)
+    exchange.assert_all_match()
+    assert exchange.rows[2].cached >= 800 and exchange.rows[4].cached >= 800, exchange.table()
