@@ -21,4 +21,5 @@ def routes() -> list[Route]:
         Route("/ready", guarded(admin.ready), methods=["GET"]),
         Route("/metrics", guarded(admin.metrics), methods=["GET"]),
         Route("/debug/route", guarded(admin.debug_route), methods=["POST"]),
+        Route("/openapi.json", admin.openapi, methods=["GET"]),
     ]

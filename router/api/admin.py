@@ -10,12 +10,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from router.api.body import read_body
+from router.api.schema import OPENAPI
 from router.errors import NoHealthyBackend
 from router.metrics import REGISTRY
 from router.pipeline import Pipeline
 from router.request.parse import guess_kind, parse_json, parse_request
 
 _OK = orjson.dumps({"status": "ok"})
+_OPENAPI = orjson.dumps(OPENAPI)
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -33,6 +35,10 @@ async def ready(request: Request) -> Response:
         return _json({"status": "ready"})
     return Response(orjson.dumps({"status": "not ready", "reason": "no healthy replica"}), status_code=503,
                     headers={"retry-after": "1"}, media_type="application/json")
+
+
+async def openapi(request: Request) -> Response:
+    return Response(_OPENAPI, media_type="application/json")
 
 
 async def metrics(request: Request) -> Response:

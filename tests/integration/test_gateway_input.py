@@ -123,3 +123,25 @@ def test_valid_shapes_pass(stack: tuple[UvicornThread, ScriptedEngine]) -> None:
         assert httpx.post(router.url + "/v1/completions", json=body).status_code == 200
     chat = {"model": "sim-model", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
     assert httpx.post(router.url + "/v1/chat/completions", json=chat).status_code == 200
+
+
+def test_openapi_document_agrees_with_the_parser(stack: tuple[UvicornThread, ScriptedEngine]) -> None:
+    import jsonschema
+    import orjson
+
+    router, _ = stack
+    doc = httpx.get(router.url + "/openapi.json").json()
+    assert {"/v1/completions", "/v1/chat/completions", "/debug/route", "/v1/models"} <= set(doc["paths"])
+    schema = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    validator = jsonschema.Draft202012Validator(schema)
+    for case, body in BAD_BODIES:
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            continue
+        if case in ("token id past vocab", "huge token id"):
+            continue  # the vocabulary bound is the model's, not the schema's
+        assert not validator.is_valid(data), case
+    for good in ({"model": "m", "prompt": "x"}, {"model": "m", "prompt": [[1], [2, 3]]},
+                 {"model": "m", "prompt": ["a"], "max_tokens": 5, "temperature": 0.2}):
+        assert validator.is_valid(good), good
