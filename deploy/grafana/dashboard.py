@@ -72,6 +72,9 @@ ROWS: list[tuple[str, list[dict[str, Any]]]] = [
              "reported by the engines")]},
         {"title": "Prompt tokens/s by model", "targets": [
             (rate("cache_router_prompt_tokens_total", "model"), "{{model}}")]},
+        # 1 = no tokenizer for the model: keys over characters, token counts are estimates.
+        {"title": "Models keyed without a tokenizer (approximate)", "targets": [
+            ("max by (model) (cache_router_tokenizer_approximate)", "{{model}}")]},
     ]),
     ("Savings lost, by cause: workload (nobody had it), routing (sent elsewhere), index (promised, not held)", [
         {"title": "Lost cacheable tokens/s by cause", "targets": [
