@@ -8,17 +8,20 @@ Layout (``ns`` = namespace, ``R`` = a replica id, i.e. its base URL):
 
 ``ns:replicas``            set of replica ids that have (or had) entries: lookups and
                            ``sizes()`` walk it instead of scanning the keyspace.
-``ns:r:{ns|R}:lru``        sorted set, member = 8-byte big-endian block key, score = the
-                           replica's recency counter (higher = more recently used).
-``ns:r:{ns|R}:exp``        sorted set of the replica's TTL'd entries only, score = expiry
-                           in Redis-server milliseconds. Confirmed entries are absent.
+``ns:r:{ns|R}:held``       hash, field = 8-byte big-endian block key, value = expiry in
+                           Redis-server milliseconds, ``0`` = confirmed (never expires).
+                           Lookups read only this.
+``ns:r:{ns|R}:lru``        sorted set, same members, score = the replica's recency counter
+                           (higher = more recently used): capacity trimming reads it.
+``ns:r:{ns|R}:exp``        sorted set of the TTL'd entries only, score = expiry ms:
+                           ``purge_expired`` reads it instead of walking every entry.
 ``ns:r:{ns|R}:meta``       hash: ``seq`` (the recency counter), ``cap`` (capacity in blocks).
 ``ns:load:{ns|load}``      hash of shared in-flight counts, field ``router|backend`` ->
                            ``count|expiry_ms`` (``router.fleet.shared_load``).
 
-The ``{...}`` part is the Redis Cluster hash tag: a replica's three keys share a slot,
+The ``{...}`` part is the Redis Cluster hash tag: a replica's four keys share a slot,
 so every write to one replica is a single atomic Lua call on one node, and clearing it
-deletes three keys. Why per replica and not per chain is explained in
+deletes three keys (meta, the capacity, stays). Why per replica and not per chain is explained in
 ``router.index.redis``.
 """
 
@@ -41,6 +44,11 @@ def block_member(key: BlockKey) -> bytes:
 def block_members(keys: Sequence[BlockKey]) -> list[bytes]:
     packed = struct.pack(f">{len(keys)}Q", *keys)
     return [packed[i : i + 8] for i in range(0, len(packed), 8)]
+
+
+def block_blob(keys: Sequence[BlockKey]) -> bytes:
+    """A chain as one argument (8 bytes per key): the scripts cut it into members."""
+    return struct.pack(f">{len(keys)}Q", *keys)
 
 
 def member_key(member: bytes) -> BlockKey:
@@ -67,15 +75,18 @@ def replica_meta(ns: str, replica: BackendId) -> str:
     return f"{_tag(ns, replica)}:meta"
 
 
+def replica_held(ns: str, replica: BackendId) -> str:
+    return f"{_tag(ns, replica)}:held"
+
+
 def replica_keys(ns: str, replica: BackendId) -> list[str]:
-    """The KEYS of every per-replica Lua script, in this order: lru, exp, meta."""
-    return [replica_lru(ns, replica), replica_exp(ns, replica), replica_meta(ns, replica)]
-
-
-def replica_key_parts(ns: str) -> tuple[str, str, str]:
-    """(prefix, lru suffix, exp suffix): the lookup script builds a replica's keys as
-    prefix .. replica .. suffix, so the format still lives only here."""
-    return f"{ns}:r:{{{ns}|", "}:lru", "}:exp"
+    """The KEYS of the per-replica write script, in this order: lru, exp, meta, held."""
+    return [
+        replica_lru(ns, replica),
+        replica_exp(ns, replica),
+        replica_meta(ns, replica),
+        replica_held(ns, replica),
+    ]
 
 
 def shared_load(ns: str) -> str:

@@ -143,8 +143,9 @@ class RedisBlockIndex:
     async def lookup(self, keys: Sequence[BlockKey]) -> Mapping[BackendId, int]:
         if not keys:
             return {}
-        members = K.block_members(keys)
-        return await self._bounded("lookup", lambda: self._lookup(members))
+        # lua: the chain as one argument; pipeline: ZMSCORE needs one argument per key
+        chain = K.block_members(keys) if self.lookup_mode == "pipeline" else [K.block_blob(keys)]
+        return await self._bounded("lookup", lambda: self._lookup(chain))
 
     async def record(self, replica: BackendId, keys: Sequence[BlockKey], *, ttl_s: float | None) -> None:
         if not keys:
@@ -152,13 +153,13 @@ class RedisBlockIndex:
         ttl_ms = -1 if ttl_s is None else max(1, round(ttl_s * 1000))
         self._know(replica)
         await self._bounded(
-            "record", lambda: self._writes.submit(replica, ["record", ttl_ms, *K.block_members(keys)])
+            "record", lambda: self._writes.submit(replica, ["record", ttl_ms, K.block_blob(keys)])
         )
 
     async def remove(self, replica: BackendId, keys: Sequence[BlockKey]) -> None:
         if keys:
             await self._bounded(
-                "remove", lambda: self._writes.submit(replica, ["remove", *K.block_members(keys)])
+                "remove", lambda: self._writes.submit(replica, ["remove", K.block_blob(keys)])
             )
 
     async def clear(self, replica: BackendId) -> int:
@@ -228,6 +229,7 @@ class RedisBlockIndex:
         return list(self._replicas)
 
     async def _lookup(self, members: list[bytes]) -> dict[BackendId, int]:
+        """``members``: the lookup's key arguments (8-byte members, or one blob for the Lua script)."""
         if self._replicas is None:
             await self._read_replicas()
         assert self._replicas is not None
@@ -249,23 +251,15 @@ class RedisBlockIndex:
         if refresh:
             pipe.smembers(K.replicas(self._ns))
         if self.lookup_mode == "pipeline":
-            pipe.time()
+            pipe.execute_command("TIME")
             for r in replicas:
-                pipe.zmscore(K.replica_lru(self._ns, r), members)
-                pipe.zmscore(K.replica_exp(self._ns, r), members)
+                pipe.hmget(K.replica_held(self._ns, r), members)
         elif self._cluster:  # one script per replica, grouped per node by the cluster pipeline
             for r in replicas:
-                pipe.execute_command(
-                    "EVALSHA",
-                    self._lookup_sha,
-                    2,
-                    K.replica_lru(self._ns, r),
-                    K.replica_exp(self._ns, r),
-                    *members,
-                )
+                pipe.execute_command("EVALSHA", self._lookup_sha, 1, K.replica_held(self._ns, r), *members)
         elif replicas:
-            pairs = [k for r in replicas for k in (K.replica_lru(self._ns, r), K.replica_exp(self._ns, r))]
-            pipe.execute_command("EVALSHA", self._lookup_sha, len(pairs), *pairs, *members)
+            helds = [K.replica_held(self._ns, r) for r in replicas]
+            pipe.execute_command("EVALSHA", self._lookup_sha, len(helds), *helds, *members)
         out = await self._execute(pipe, lambda: self._lookup_round(replicas, members, refresh))
         if isinstance(out, tuple):
             return out
@@ -301,7 +295,7 @@ class RedisBlockIndex:
         pipe = self._r.pipeline(transaction=False)
         sha = self._replica_script.sha
         for replica, args in todo:
-            pipe.execute_command("EVALSHA", sha, 3, *K.replica_keys(self._ns, replica), *args)
+            pipe.execute_command("EVALSHA", sha, 4, *K.replica_keys(self._ns, replica), *args)
         if new:
             pipe.sadd(K.replicas(self._ns), *new)
         out = await self._execute(pipe, lambda: self._pipelined(ops))
@@ -320,14 +314,14 @@ def _cap_arg(blocks: int | None) -> int:
 
 
 def _runs_from_scores(out: list[Any]) -> list[int]:
-    """Pipeline variant: [TIME, (lru scores, exp scores) per replica] -> leading runs."""
+    """Pipeline variant: [TIME, HMGET of each replica's held hash] -> leading runs."""
     secs, micros = out[0]
     now_ms = int(secs) * 1000 + int(micros) // 1000
     runs = []
-    for lru, exp in zip(out[1::2], out[2::2], strict=True):
+    for values in out[1:]:
         run = 0
-        for held, expiry in zip(lru, exp, strict=True):
-            if held is None or (expiry is not None and expiry <= now_ms):
+        for v in values:
+            if v is None or (v != b"0" and int(v) <= now_ms):
                 break
             run += 1
         runs.append(run)

@@ -56,7 +56,7 @@ async def test_every_key_is_under_the_namespace_and_holds_no_text(
         await index.record(A, ks(1, 2, 3), ttl_s=30)
         found = [k async for k in raw.scan_iter(match="*")]  # the test may scan; the index never does
         mine = sorted(k.decode() for k in found if k.decode().startswith(namespace + ":"))
-        assert mine == sorted([K.replicas(namespace), *K.replica_keys(namespace, A)])
+        assert mine == sorted([K.replicas(namespace), *K.replica_keys(namespace, A)])  # lru, exp, meta, held
         members = await raw.zrange(K.replica_lru(namespace, A), 0, -1)
         assert [K.member_key(m) for m in members] == ks(1, 2, 3)  # exact 64-bit keys, oldest first
     finally:

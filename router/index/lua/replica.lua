@@ -1,17 +1,28 @@
 -- Every write to ONE replica's entries, atomically (contract items 2-6).
--- KEYS: lru, exp, meta (router/index/keys.py: one hash tag, so one slot in a cluster).
+-- KEYS: lru, exp, meta, held (router/index/keys.py: one hash tag, so one slot in a cluster).
+--   held  hash  block -> expiry ms, "0" = confirmed (never expires): what lookups read
+--   lru   zset  block -> recency counter: what capacity trimming reads
+--   exp   zset  block -> expiry ms, TTL'd entries only: what purge reads
 -- ARGV[1]: the operation; the rest depends on it:
---   record  ttl_ms|-1  key...   add/refresh keys (oldest first), then trim to capacity
---   remove  key...              drop keys
+--   record  ttl_ms|-1  keys     add/refresh keys (oldest first), then trim to capacity
+--   remove  keys                drop keys
 --   clear                       drop every entry, return how many
 --   cap     blocks|-1           set (or unset) the capacity, trim at once
 --   purge                       drop expired entries, return how many
--- Keys are 8-byte binary strings (Lua numbers are doubles and would round 64-bit keys).
+-- Block keys are 8-byte big-endian strings (Lua numbers are doubles and would round 64-bit
+-- keys), sent concatenated in ONE argument: packing thousands of arguments costs the client
+-- far more than the script's work.
 -- Times are the Redis server's clock, so every router replica agrees on expiry.
-local lru, exp, meta = KEYS[1], KEYS[2], KEYS[3]
+local lru, exp, meta, held = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local op = ARGV[1]
 -- unpack() is bounded by Lua's C stack (LUAI_MAXCSTACK = 8000): go in chunks.
 local CHUNK = 2000
+
+local function split(blob)
+  local out = {}
+  for i = 1, #blob, 8 do out[#out + 1] = string.sub(blob, i, i + 7) end
+  return out
+end
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -23,6 +34,7 @@ local function drop(first, last, src)
     local j = math.min(i + CHUNK - 1, last)
     redis.call('ZREM', lru, unpack(src, i, j))
     redis.call('ZREM', exp, unpack(src, i, j))
+    redis.call('HDEL', held, unpack(src, i, j))
   end
 end
 
@@ -39,44 +51,54 @@ end
 
 if op == 'record' then
   local ttl = tonumber(ARGV[2])
-  local n = #ARGV - 2
+  local ks = split(ARGV[3])
+  local n = #ks
   if n <= 0 then return 0 end
   local base = redis.call('HINCRBY', meta, 'seq', n) - n
-  for i = 3, #ARGV, CHUNK do
-    local j = math.min(i + CHUNK - 1, #ARGV)
+  local expiry = ttl >= 0 and now_ms() + ttl or 0
+  for i = 1, n, CHUNK do
+    local j = math.min(i + CHUNK - 1, n)
+    local set, timed = {}, {}
     if ttl < 0 then
       -- confirmed by the engine: no expiry, whatever it had
-      redis.call('ZREM', exp, unpack(ARGV, i, j))
-    else
-      local expiry = now_ms() + ttl
-      local held = redis.call('ZMSCORE', lru, unpack(ARGV, i, j))
-      local old, new = {}, {}
+      redis.call('ZREM', exp, unpack(ks, i, j))
       for k = i, j do
-        local t = held[k - i + 1] and old or new
-        t[#t + 1] = expiry
-        t[#t + 1] = ARGV[k]
+        set[#set + 1] = ks[k]
+        set[#set + 1] = '0'
       end
-      -- an existing entry's expiry only extends (GT); a confirmed one (absent from exp) stays so (XX)
-      if #old > 0 then redis.call('ZADD', exp, 'XX', 'GT', unpack(old)) end
-      if #new > 0 then redis.call('ZADD', exp, 'GT', unpack(new)) end
+    else
+      local old = redis.call('HMGET', held, unpack(ks, i, j))
+      for k = i, j do
+        local o = old[k - i + 1]
+        -- an expiry only extends; a confirmed entry ("0") stays confirmed
+        if not o or (o ~= '0' and tonumber(o) < expiry) then
+          set[#set + 1] = ks[k]
+          set[#set + 1] = expiry
+          timed[#timed + 1] = expiry
+          timed[#timed + 1] = ks[k]
+        end
+      end
     end
-    local pairs_ = {}
+    if #set > 0 then redis.call('HSET', held, unpack(set)) end
+    if #timed > 0 then redis.call('ZADD', exp, unpack(timed)) end
+    local recency = {}
     for k = i, j do
       -- later in the chain = more recent, so an LRU trim drops a chain's tail first
-      pairs_[#pairs_ + 1] = base + k - 2
-      pairs_[#pairs_ + 1] = ARGV[k]
+      recency[#recency + 1] = base + k
+      recency[#recency + 1] = ks[k]
     end
-    redis.call('ZADD', lru, unpack(pairs_))
+    redis.call('ZADD', lru, unpack(recency))
   end
   trim()
   return n
 elseif op == 'remove' then
-  drop(2, #ARGV, ARGV)
+  local ks = split(ARGV[2])
+  drop(1, #ks, ks)
   return 0
 elseif op == 'clear' then
   local n = redis.call('ZCARD', lru)
   -- UNLINK frees in the background: proportional to this replica's entries, never a scan
-  redis.call('UNLINK', lru, exp)
+  redis.call('UNLINK', lru, exp, held)
   return n
 elseif op == 'cap' then
   local cap = tonumber(ARGV[2])
