@@ -60,9 +60,18 @@ class Saturated(NoHealthyBackend):
     """
 
 
+def _passes_default(c: Candidate) -> bool:
+    # DEFAULT_FILTERS inlined: this runs for every replica of every request. The property
+    # test in tests/unit/test_sched_policies.py checks it against the named filters.
+    return (c.serves_model and c.healthy and not c.circuit_open and not c.draining
+            and (c.max_concurrency is None or c.in_flight < c.max_concurrency))
+
+
 def eligible(
     candidates: Sequence[Candidate], filters: Sequence[tuple[str, Filter]] = DEFAULT_FILTERS
 ) -> list[Candidate]:
+    if filters is DEFAULT_FILTERS:
+        return [c for c in candidates if _passes_default(c)]
     return [c for c in candidates if all(f(c) for _, f in filters)]
 
 

@@ -13,7 +13,8 @@ from router.scheduling.model import Candidate
 
 
 def load_of(c: Candidate) -> float:
-    return c.in_flight + (c.waiting if c.waiting is not None and c.waiting > 0 else 0.0)
+    w = c.waiting
+    return c.in_flight + w if w is not None and w > 0 else float(c.in_flight)
 
 
 def band_limit(min_load: float, load_band: float, load_band_ratio: float) -> float:
@@ -27,4 +28,6 @@ def in_band(candidates: Sequence[Candidate], load_band: float, load_band_ratio: 
         return []
     loads = [load_of(c) for c in candidates]
     limit = band_limit(min(loads), load_band, load_band_ratio)
+    if max(loads) <= limit:
+        return list(candidates)
     return [c for c, ld in zip(candidates, loads, strict=True) if ld <= limit]

@@ -32,16 +32,23 @@ def matched_blocks(request: RouteRequest, c: Candidate) -> int:
     return max(0, min(c.matched_blocks, request.cacheable_blocks))
 
 
+def best_matched(request: RouteRequest, eligible: Sequence[Candidate]) -> int:
+    # Over the eligible replicas only: blocks on a replica that could not take the request
+    # (down, draining, full) are not savings that routing gave away.
+    cap = request.cacheable_blocks
+    return max(0, max(min(c.matched_blocks, cap) for c in eligible))
+
+
 def decision(
     request: RouteRequest,
     ranked: Sequence[Candidate],
     reason: str,
     eligible: Sequence[Candidate],
     scores: dict[BackendId, dict[str, float]] | None = None,
+    best: int | None = None,
 ) -> Decision:
-    # Best over the eligible replicas only: blocks on a replica that could not take the
-    # request (down, draining, full) are not savings that routing gave away.
-    best = max(matched_blocks(request, c) for c in eligible)
+    if best is None:
+        best = best_matched(request, eligible)
     pick = ranked[0]
     return Decision(
         backend=pick.id,
@@ -55,6 +62,8 @@ def decision(
 
 def by_load(candidates: Sequence[Candidate], ties: Rotation) -> list[Candidate]:
     """Least loaded first, equal loads taking turns."""
+    if len(candidates) <= 1:
+        return list(candidates)
     keyed = sorted(zip((load_of(c) for c in candidates), ties.keys(candidates), range(len(candidates)), strict=True))
     return [candidates[i] for _, _, i in keyed]
 
@@ -72,8 +81,10 @@ class CacheAware:
 
     def decide(self, request: RouteRequest, eligible: list[Candidate], rng: random.Random) -> Decision:
         band = in_band(eligible, self.config.load_band, self.config.load_band_ratio)
-        band_ids = {c.id for c in band}
-        rest = by_load([c for c in eligible if c.id not in band_ids], self._rest_ties)
+        rest: list[Candidate] = []
+        if len(band) < len(eligible):
+            band_ids = {c.id for c in band}
+            rest = by_load([c for c in eligible if c.id not in band_ids], self._rest_ties)
         if not request.index_available:
             # Fail-open: affinity without an index. Every router replica maps the same
             # session, else the same first block, to the same replica; the band still bounds load.
@@ -92,11 +103,11 @@ class CacheAware:
         ties = self._ties.keys(band)
         scored = self.profile.rank(request, band, ties)
         ranked = [s.candidate for s in scored]
-        best = max(matched_blocks(request, c) for c in eligible)
+        best = best_matched(request, eligible)
         mine = matched_blocks(request, ranked[0])
         reason = "fallback" if best == 0 else "affinity" if mine == best else "load"
         scores = {s.candidate.id: s.parts for s in scored}
-        return decision(request, ranked + rest, reason, eligible, scores)
+        return decision(request, ranked + rest, reason, eligible, scores, best)
 
 
 class RoundRobin:

@@ -25,9 +25,9 @@ class Scored:
 
 
 def clamp(x: float) -> float:
-    if math.isnan(x):
-        return 0.0
-    return 0.0 if x < 0.0 else 1.0 if x > 1.0 else x
+    if x >= 0.0:
+        return x if x <= 1.0 else 1.0
+    return 0.0  # negative or NaN
 
 
 class Profile:
@@ -42,14 +42,20 @@ class Profile:
         self._active = [(name, scorers[name], w) for name, w in weights.items() if w > 0]
 
     def score(self, request: RouteRequest, candidates: Sequence[Candidate]) -> list[Scored]:
-        columns = [(name, w, scorer(request, candidates)) for name, scorer, w in self._active]
-        out: list[Scored] = []
-        for i, c in enumerate(candidates):
-            parts = {name: clamp(col[i]) for name, _, col in columns}
-            total = sum(w * parts[name] for name, w, _ in columns)
-            parts["total"] = total
-            out.append(Scored(c, total, parts))
-        return out
+        # Column-wise (one list per scorer), as this runs for every request.
+        n = len(candidates)
+        names: list[str] = []
+        columns: list[list[float]] = []
+        totals = [0.0] * n
+        for name, scorer, w in self._active:
+            col = [x if 0.0 <= x <= 1.0 else clamp(x) for x in scorer(request, candidates)]
+            names.append(name)
+            columns.append(col)
+            totals = [t + w * x for t, x in zip(totals, col, strict=True)]
+        names.append("total")
+        columns.append(totals)
+        return [Scored(c, t, dict(zip(names, row, strict=True)))
+                for c, t, row in zip(candidates, totals, zip(*columns, strict=True), strict=True)]
 
     def rank(self, request: RouteRequest, candidates: Sequence[Candidate], ties: Sequence[int]) -> list[Scored]:
         """Best first; equal totals go to the lower tie key (``Rotation.keys``: taking turns)."""
@@ -71,13 +77,18 @@ class Rotation:
 
     def __init__(self, rng: random.Random) -> None:
         self._turn = rng.randrange(1 << 30)
+        self._ids: list[str] = []
+        self._places: list[int] = []
 
     def keys(self, candidates: Sequence[Candidate]) -> list[int]:
         """One key per candidate (lower wins a tie); advances the turn."""
         n = len(candidates)
         turn, self._turn = self._turn, self._turn + 1
-        by_id = sorted(range(n), key=lambda i: candidates[i].id)
-        keys = [0] * n
-        for pos, i in enumerate(by_id):
-            keys[i] = (pos - turn) % n
-        return keys
+        ids = [c.id for c in candidates]
+        if ids != self._ids:  # the fleet rarely changes between requests: sort only when it does
+            order = sorted(range(n), key=ids.__getitem__)
+            places = [0] * n
+            for pos, i in enumerate(order):
+                places[i] = pos
+            self._ids, self._places = ids, places
+        return [(p - turn) % n for p in self._places]
