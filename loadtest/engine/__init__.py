@@ -23,7 +23,8 @@ tests). Async twins: ``acache``, ``astats``, ``aset_faults``, ``arestart``.
 
 Each engine also answers (not in vLLM, for tests and the load generator): ``GET /sim/cache``,
 ``GET /sim/stats``, ``GET|POST /sim/faults``, ``POST /sim/restart?downtime_s=S``.
-One engine per process (to SIGKILL a single replica): ``SimFleet(1, mode="process")`` per replica.
+One engine per process (to SIGKILL a single replica): ``SimFleet(1, mode="process")`` per replica;
+``fleet.kill()`` then ``fleet.revive()`` restarts the process on the same HTTP and event ports.
 
 Command line: ``python -m loadtest engine --port P --engines N [--block-size B] [--cache-blocks C]
 [--max-num-seqs S] [--kv-events-port K] [--zero] [--model NAME]`` (``--help`` for the rest).

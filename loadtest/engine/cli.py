@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d = EngineConfig()
     t = TimingConfig()
-    p.add_argument("--port", type=int, default=8001, help="first HTTP port (0: free ports)")
+    p.add_argument(
+        "--port", default="8001", help="first HTTP port (0: free ports), or one port per engine: P1,P2,..."
+    )
     p.add_argument("--engines", type=int, default=1)
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     p.add_argument("--model", default=d.model, help="served model name")
@@ -56,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--zero", action="store_true", help="zero-delay mode: no prefill or decode time")
     e = p.add_argument_group("KV events (vLLM wire format over ZMQ)")
-    e.add_argument("--kv-events-port", type=int, default=None, help="first PUB port to bind (0: free ports)")
     e.add_argument(
-        "--kv-replay-port", type=int, default=None, help="first replay port (default: K+N; 0: free)"
+        "--kv-events-port", default=None, help="first PUB port to bind (0: free ports), or P1,P2,..."
+    )
+    e.add_argument(
+        "--kv-replay-port", default=None, help="first replay port (default: K+N; 0: free), or P1,P2,..."
     )
     e.add_argument("--no-kv-replay", action="store_true")
     e.add_argument(
@@ -78,21 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def port_list(value: str | None, n: int, offset: int = 0) -> list[int] | None:
+    """``"P"`` -> P+offset+i for each engine (0: free ports); ``"P1,P2,..."`` -> exactly those."""
+    if value is None:
+        return None
+    if "," in value:
+        ports = [int(p) for p in value.split(",")]
+        if len(ports) != n:
+            raise ValueError(f"{value!r} lists {len(ports)} ports for {n} engines")
+        return ports
+    base = int(value)
+    return [0 if base == 0 else base + offset + i for i in range(n)]
+
+
 def plan_from_args(args: argparse.Namespace) -> EventsPlan | None:
     n = args.engines
     if args.kv_events_port is None and args.kv_events_connect is None:
         return None
-    ports = (
-        []
-        if args.kv_events_port is None
-        else [0 if args.kv_events_port == 0 else args.kv_events_port + i for i in range(n)]
-    )
+    ports = port_list(args.kv_events_port, n) or []
     replay: list[int] = []
     if not args.no_kv_replay:
         if args.kv_replay_port is not None:
-            replay = [0 if args.kv_replay_port == 0 else args.kv_replay_port + i for i in range(n)]
-        elif args.kv_events_port is not None:
-            replay = [0 if args.kv_events_port == 0 else args.kv_events_port + n + i for i in range(n)]
+            replay = port_list(args.kv_replay_port, n) or []
+        elif args.kv_events_port is not None and "," not in args.kv_events_port:
+            replay = port_list(args.kv_events_port, n, offset=n) or []
     return EventsPlan(
         ports=ports,
         connect=args.kv_events_connect,
@@ -127,7 +140,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    ports = [0 if args.port == 0 else args.port + i for i in range(args.engines)]
+    ports = port_list(args.port, args.engines) or []
     host = Host(
         config_from_args(args),
         ports,
@@ -152,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         faults_mod.from_args(args)
+        for value in (args.port, args.kv_events_port, args.kv_replay_port):
+            port_list(value, args.engines)
     except ValueError as exc:
-        print(f"bad fault option: {exc}", file=sys.stderr)
+        print(f"bad option: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
     try:

@@ -143,6 +143,30 @@ class SimFleet:
         self.proc.kill()
         self.proc.wait()
 
+    def revive(self) -> None:
+        """After ``kill()``: a new process on the same HTTP and event ports, empty, event seq at 0."""
+        if self.mode != "process" or not self.specs:
+            raise RuntimeError("revive() needs a started fleet with mode='process'")
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("the engines' process is still running: kill() it first")
+        argv = list(self.argv)
+
+        def pin(option: str, ports: list[int]) -> None:
+            value = ",".join(str(p) for p in ports)
+            if option in argv:
+                argv[argv.index(option) + 1] = value
+            else:
+                argv.extend([option, value])
+
+        pin("--port", [spec.port for spec in self.specs])
+        if all(spec.kv_events and not spec.kv_connect for spec in self.specs):
+            pin("--kv-events-port", [_port(spec.kv_events) for spec in self.specs])
+        if all(spec.kv_replay for spec in self.specs):
+            pin("--kv-replay-port", [_port(spec.kv_replay) for spec in self.specs])
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._start_process(argv)
+
     def __enter__(self) -> SimFleet:
         return self.start()
 
@@ -193,11 +217,11 @@ class SimFleet:
         if not ready.wait(self.start_timeout) or failure:
             raise RuntimeError(f"simulated fleet did not start: {failure[:1]}")
 
-    def _start_process(self) -> None:
+    def _start_process(self, argv: list[str] | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
         env["PYTHONPATH"] = str(_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loadtest", "engine", *self.argv],
+            [sys.executable, "-m", "loadtest", "engine", *(argv or self.argv)],
             stdout=subprocess.PIPE,
             env=env,
             cwd=str(_ROOT),
@@ -269,6 +293,11 @@ class SimFleet:
         async with httpx.AsyncClient(timeout=10.0, trust_env=False) as client:
             r = await client.post(self.specs[i].url + "/sim/restart", params={"downtime_s": downtime_s})
             r.raise_for_status()
+
+
+def _port(endpoint: str | None) -> int:
+    assert endpoint is not None
+    return int(endpoint.rsplit(":", 1)[1])
 
 
 def _blocks(body: dict[str, Any]) -> dict[int, dict[str, Any]]:

@@ -285,3 +285,32 @@ async def test_engines_connect_to_a_bound_subscriber_with_their_own_topics() -> 
         await asyncio.gather(task, return_exceptions=True)
         sub.close(0)
         ctx.term()
+
+
+async def test_a_killed_and_revived_engine_process_starts_its_sequence_again() -> None:
+    async with (
+        SimFleet(1, block_size=BS, cache_blocks=48, kv_events="bind", mode="process") as fleet,
+        subscribed([fleet[0].kv_events or ""]) as (picture,),
+        httpx.AsyncClient(trust_env=False, timeout=10) as http,
+    ):
+        before = fleet.specs
+        url = fleet.urls[0] + "/v1/completions"
+        for n in (40, 60):
+            (await http.post(url, json={"prompt": list(range(n)), "max_tokens": 20})).raise_for_status()
+        await caught_up(fleet, [picture])
+        assert picture.next_seq > 1 and picture.blocks
+        await asyncio.to_thread(fleet.kill)
+        with pytest.raises(httpx.ConnectError):
+            await http.post(url, json={"prompt": [1, 2, 3]})
+        await asyncio.to_thread(fleet.revive)
+        assert fleet.specs == before  # same HTTP, event and replay endpoints
+        await asyncio.sleep(
+            0.3
+        )  # ZMQ reconnects the SUB by itself (retry every 100 ms); events before that are lost
+        r = await http.post(url, json={"prompt": list(range(40)), "max_tokens": 2})
+        assert (
+            r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        )  # the new process starts empty
+        await caught_up(fleet, [picture])  # the SUB socket reconnected by itself
+        assert picture.restarts == 1
+        assert picture.blocks == engine_picture(fleet, 0)
