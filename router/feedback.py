@@ -2,8 +2,9 @@
 
 Owns: recording a prompt's keys for the replica it was sent to (short TTL when KV events
 will confirm them, ``index.ttl_s`` otherwise), reading the engine's cached tokens, the
-stale-hit correction (when the engine cached fewer tokens than predicted, the replica's
-entries past what it really had are dropped and the miss is charged to the index), and the
+stale-hit correction (when the engine cached fewer tokens than predicted, the miss is
+charged to the index and, in approximate mode, the replica's entries past what it really
+had are dropped; in precise mode the engine's events already say what it holds), and the
 lost savings per request, in tokens, by cause: ``workload`` = cacheable tokens no replica
 held, ``routing`` = what the best holder had beyond the chosen replica (the price of load
 balancing), ``index`` = predicted minus engine-reported cached, when positive.
@@ -107,6 +108,12 @@ class Feedback:
             return
         series.lost["index"].inc(predicted - cached)
         STALE_HITS.labels(backend).inc()
+        b = self.fleet.get(backend)
+        if b is not None and b.precise:
+            # The engine's BlockStored for this very prompt has already re-confirmed these
+            # blocks (prefill precedes the usage); dropping them now would leave the index
+            # short of blocks the engine holds, with no event left to restore them.
+            return
         self._spawn(self._drop(backend, g.enc.keys[cached // bs:]), "index-stale-drop")
 
     def record(self, backend: BackendId, keys: list[BlockKey]) -> None:
