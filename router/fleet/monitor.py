@@ -52,8 +52,9 @@ class Replica:
     models_at: float = 0.0
     restart_at: float = float("-inf")
     restart_source: str = ""
-    probing: bool = False
-    scraping: bool = False
+    probe_task: asyncio.Task[None] | None = None
+    """The probe in progress, if any: never two at once, and ``probe_all`` waits for it."""
+    scrape_task: asyncio.Task[None] | None = None
 
 
 class Monitor:
@@ -152,20 +153,21 @@ class Monitor:
         await self._every(self.config.health.interval_s, lambda: self._probe_round(wait=False), "probe")
 
     async def _probe_round(self, *, wait: bool) -> None:
-        tasks = [self._spawn(self._probe_one(r), f"fleet-probe-{r.backend.id}")
-                 for r in self.fleet.replicas() if not r.probing]
+        tasks = [self._probe(r) for r in self.fleet.replicas()]
         if wait:
             await asyncio.gather(*tasks)
         self.fleet.refresh_circuits()
 
+    def _probe(self, r: Replica) -> asyncio.Task[None]:
+        """The replica's probe in progress, or a new one (a hanging replica is asked once)."""
+        if r.probe_task is None or r.probe_task.done():
+            r.probe_task = self._spawn(self._probe_one(r), f"fleet-probe-{r.backend.id}")
+        return r.probe_task
+
     async def _probe_one(self, r: Replica) -> None:
-        if r.probing or self._client is None:
+        if self._client is None:
             return
-        r.probing = True
-        try:
-            ok = await probe(self._client, r.backend.url, self.config.health.timeout_s)
-        finally:
-            r.probing = False
+        ok = await probe(self._client, r.backend.url, self.config.health.timeout_s)
         if self.fleet.apply_probe(r, ok):
             self.wake_models()
 
@@ -173,9 +175,9 @@ class Monitor:
         r = self.fleet.replica(bid)
         if r is None:
             return
-        await self._probe_one(r)
+        await self._probe(r)
         if r.backend.healthy:
-            await asyncio.gather(self._models_one(r), self._scrape_one(r))
+            await asyncio.gather(self._models_one(r), self._scrape(r))
 
     # --- models -----------------------------------------------------------------------------
     async def _models_loop(self) -> None:
@@ -213,20 +215,21 @@ class Monitor:
                           "scrape")
 
     async def _scrape_round(self, *, wait: bool) -> None:
-        tasks = [self._spawn(self._scrape_one(r), f"fleet-scrape-{r.backend.id}")
-                 for r in self.fleet.replicas() if r.backend.healthy and not r.scraping]
+        tasks = [self._scrape(r) for r in self.fleet.replicas() if r.backend.healthy]
         if wait:
             await asyncio.gather(*tasks)
 
+    def _scrape(self, r: Replica) -> asyncio.Task[None]:
+        if r.scrape_task is None or r.scrape_task.done():
+            r.scrape_task = self._spawn(self._scrape_one(r), f"fleet-scrape-{r.backend.id}")
+        return r.scrape_task
+
     async def _scrape_one(self, r: Replica) -> None:
-        if r.scraping or self._client is None:
+        if self._client is None:
             return
-        r.scraping = True
         try:
             sample = await scrape(self._client, r.backend.url, self.config.health.timeout_s)
         except (httpx.HTTPError, OSError, ValueError) as exc:
             log.debug("fleet: scrape of %s failed: %s", r.backend.id, exc)  # the staleness bound handles it
             return
-        finally:
-            r.scraping = False
         await self.fleet.apply_sample(r, sample)

@@ -129,6 +129,21 @@ async def test_probe_all_makes_the_fleet_ready_with_models_load_and_capacity(eng
     assert gauge(metrics.BACKEND_HEALTHY, urls[0]) == 1.0 and gauge(metrics.ENGINE_WAITING, urls[0]) == 2.0
 
 
+async def test_probe_all_after_start_waits_for_the_probes_already_running(engines) -> None:
+    # The app's lifespan: start() (the prober fires at once), then probe_all() for readiness.
+    (e0, s0), (e1, s1) = engines
+    e0.health_delay = e1.health_delay = 0.2  # still answering when probe_all begins
+    fleet = Fleet(fast_config([s0.url, s1.url]))
+    await fleet.start()
+    try:
+        await asyncio.sleep(0.05)  # the prober's first probes are now waiting on the engines
+        await fleet.probe_all()
+        assert fleet.ready() and fleet.models() == {"sim-model", "sql-lora"}
+        assert all(c.waiting == 2.0 for c in fleet.candidates("sim-model", {}))
+    finally:
+        await fleet.stop()
+
+
 async def test_unhealthy_hanging_and_dead_replicas_leave_and_come_back(engines) -> None:
     (e0, s0), (e1, s1) = engines
     fleet = Fleet(fast_config([s0.url, s1.url, f"http://127.0.0.1:{free_port()}"]))
