@@ -120,6 +120,14 @@ class Fleet:
                 out |= r.backend.models
         return out
 
+    def known_models(self) -> set[str]:
+        """Models and adapters any replica serves or served, healthy or not: a model in here
+        but not in ``models()`` is down (503), not unknown (404)."""
+        out: set[str] = set()
+        for r in self._replicas.values():
+            out |= r.backend.models
+        return out
+
     def ready(self) -> bool:
         return any(r.backend.healthy and not r.backend.draining for r in self._replicas.values())
 

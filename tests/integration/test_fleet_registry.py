@@ -157,6 +157,7 @@ async def test_unhealthy_hanging_and_dead_replicas_leave_and_come_back(engines) 
         assert gauge(metrics.BACKEND_HEALTHY, s0.url) == 0.0
         assert [c.healthy for c in fleet.candidates("sim-model", {})] == [False, True]  # dead: models unknown
         assert fleet.ready() and fleet.models() == {"sim-model"}  # the adapter's only replica is down
+        assert fleet.known_models() == {"sim-model", "sql-lora"}  # down, not unknown
         e0.healthy = True
         await until(lambda: fleet.backends()[0].healthy)
         # a replica whose /health hangs past the timeout turns unhealthy; the other keeps being probed
