@@ -154,12 +154,9 @@ def _publisher_process(endpoint: str, n_batches: int, rate: float, blocks: int, 
     encode = msgspec.msgpack.encode
     held: deque[int] = deque()
     parent: int | None = None
-    t0 = time.perf_counter()
-    for seq in range(n_batches):
-        if rate > 0:
-            delay = t0 + seq / rate - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
+
+    def batch(seq: int) -> list[bytes]:
+        nonlocal parent
         now_us = int(time.time() * 1e6)
         toks = [now_us >> 32, now_us & 0xFFFFFFFF] + [(seq * 7 + i) % 8192 for i in range(blocks * block_size - 2)]
         hashes = [(seq << 8) + i + 1 for i in range(blocks)]
@@ -171,7 +168,18 @@ def _publisher_process(endpoint: str, n_batches: int, rate: float, blocks: int, 
         if len(held) > 8192:
             events.append({"type": "BlockRemoved", "block_hashes": [held.popleft() for _ in range(blocks)],
                            "medium": "GPU"})
-        pub.send_multipart([b"", seq.to_bytes(8, "big"), encode([time.time(), events, 0])])
+        return [b"", seq.to_bytes(8, "big"), encode([time.time(), events, 0])]
+
+    if rate <= 0:  # saturation: encode everything first, so the publisher is never the bottleneck
+        for frames in [batch(seq) for seq in range(n_batches)]:
+            pub.send_multipart(frames)
+    else:
+        t0 = time.perf_counter()
+        for seq in range(n_batches):
+            delay = t0 + seq / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            pub.send_multipart(batch(seq))
     finished.wait(120)  # closing earlier would discard what is still queued in ZMQ
     pub.close(linger=0)
     ctx.term()
