@@ -25,12 +25,10 @@ from collections.abc import Callable, Iterable
 from importlib import resources
 from typing import Any
 
-from redis.exceptions import RedisClusterException, RedisError
-
 from router.config import RouterConfig
 from router.fleet.backend import Backend
 from router.index import keys as K
-from router.index.redis import connect
+from router.index.connection import FAILURES, connect
 
 log = logging.getLogger("cache_router.shared_load")
 
@@ -42,7 +40,6 @@ TTL_S = 3.0
 DEADLINE_S = 0.05
 """Off the request path, so more generous than the index's deadline; still short enough
 that a paused Redis never delays the next refresh by much."""
-_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 def default_router_id() -> str:
@@ -101,7 +98,7 @@ class SharedLoad:
                 await self._task
             self._task = None
         if self._published:  # leave cleanly: the others stop counting us at once
-            with contextlib.suppress(*_FAILURES):
+            with contextlib.suppress(*FAILURES):
                 async with asyncio.timeout(self._deadline):
                     await self._r.hdel(self._key, *(f"{self.router_id}|{b}" for b in self._published))
         await self._r.aclose()
@@ -115,7 +112,7 @@ class SharedLoad:
         try:
             async with asyncio.timeout(self._deadline):
                 reply = await self._script(keys=[self._key], args=args)
-        except _FAILURES as exc:
+        except FAILURES as exc:
             if not self._failing:
                 log.warning("shared load: redis unavailable, routing on this router's counts: %r", exc)
                 self._failing = True

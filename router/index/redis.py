@@ -38,20 +38,16 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any, Literal, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
-from redis.retry import Retry
+from redis.exceptions import NoScriptError
 
 from router.index import keys as K
 from router.index.base import IndexUnavailable
 from router.index.batch import WriteBatcher
+from router.index.connection import FAILURES, connect
 from router.types import BackendId, BlockKey
 
 T = TypeVar("T")
 LookupMode = Literal["lua", "pipeline"]
-_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 REFRESH_S = 0.5
 """How stale the local list of replicas may get before a lookup re-reads it: a replica
 first recorded by another router shows up within this, and a lookup re-asks at once when
@@ -60,30 +56,6 @@ the list changed, so no entry is missed; larger would hammer the registry's node
 
 def _lua(name: str) -> str:
     return resources.files("router.index").joinpath(f"lua/{name}.lua").read_text()
-
-
-def _split_cluster_url(url: str) -> tuple[str, bool]:
-    for scheme in ("redis+cluster://", "rediss+cluster://"):
-        if url.startswith(scheme):
-            return url.replace("+cluster", "", 1), True
-    return url, False
-
-
-def connect(
-    url: str, *, deadline_ms: float, cluster: bool | None = None, max_connections: int = 256
-) -> tuple[Any, bool]:
-    """An asyncio client (plain or Cluster) that never retries on its own; (client, is_cluster)."""
-    plain, by_scheme = _split_cluster_url(url)
-    is_cluster = by_scheme if cluster is None else cluster
-    common: dict[str, Any] = {
-        "socket_connect_timeout": max(deadline_ms / 1000.0, 0.05),
-        # the caller's asyncio deadline cuts every call; retries would only spend it twice
-        "retry": Retry(NoBackoff(), 0),
-        "max_connections": max_connections,
-    }
-    if is_cluster:
-        return RedisCluster.from_url(plain, **common), True
-    return aioredis.Redis.from_url(plain, health_check_interval=0, **common), False
 
 
 class RedisBlockIndex:
@@ -163,6 +135,8 @@ class RedisBlockIndex:
             )
 
     async def clear(self, replica: BackendId) -> int:
+        if self._replicas is not None and replica in self._replicas:
+            self._replicas.remove(replica)
         return int(await self._bounded("clear", lambda: self._replica_op(replica, "clear")))
 
     async def clear_all(self) -> None:
@@ -194,11 +168,13 @@ class RedisBlockIndex:
     async def purge_expired(self) -> int:
         async def run() -> int:
             replicas = await self._read_replicas()
-            return (
-                sum(int(n) for n in await self._pipelined([(r, ["purge"]) for r in replicas]))
-                if replicas
-                else 0
-            )
+            if not replicas:
+                return 0
+            out = await self._pipelined([(r, ["purge"]) for r in replicas])
+            empty = [r for r, (_, left) in zip(replicas, out, strict=True) if int(left) == 0]
+            if empty:  # replicas whose entries all expired (a pod long gone): lookups stop probing them
+                await self._r.srem(K.replicas(self._ns), *empty)
+            return sum(int(dropped) for dropped, _ in out)
 
         return await self._bounded("purge", run)
 
@@ -215,7 +191,7 @@ class RedisBlockIndex:
                 return await fn()
         except IndexUnavailable:
             raise
-        except _FAILURES as exc:
+        except FAILURES as exc:
             raise IndexUnavailable(f"redis {op} failed: {type(exc).__name__}: {exc}") from exc
 
     def _know(self, replica: BackendId) -> None:
@@ -298,6 +274,10 @@ class RedisBlockIndex:
             pipe.execute_command("EVALSHA", sha, 4, *K.replica_keys(self._ns, replica), *args)
         if new:
             pipe.sadd(K.replicas(self._ns), *new)
+        # a cleared replica leaves the registry (a record by another router puts it back)
+        gone = {r for r, args in todo if args[0] == "clear"}
+        if gone:
+            pipe.srem(K.replicas(self._ns), *gone)
         out = await self._execute(pipe, lambda: self._pipelined(ops))
         if isinstance(out, list) and len(out) >= len(todo):  # this round sent the capacities
             self._caps_pending.difference_update(r for r, _ in caps)

@@ -115,3 +115,23 @@ async def test_second_router_sees_a_replica_it_never_wrote(redis_server: RedisSe
         await writer.clear_all()
         await writer.close()
         await reader.close()
+
+
+async def test_registry_forgets_cleared_and_expired_replicas(redis_server: RedisServer, namespace: str,
+                                                             raw: aioredis.Redis) -> None:
+    # pods come and go with new addresses: the list every lookup walks must not grow forever
+    index = make(redis_server, namespace)
+    try:
+        await index.record(A, ks(1), ttl_s=None)
+        await index.record(B, ks(1), ttl_s=0.05)
+        gone = BackendId("http://gone:1")
+        await index.record(gone, ks(1), ttl_s=None)
+        assert await index.clear(gone) == 1
+        await asyncio.sleep(0.1)
+        assert await index.purge_expired() == 1
+        assert {m.decode() for m in await raw.smembers(K.replicas(namespace))} == {A}
+        await index.record(B, ks(2), ttl_s=None)  # back again: registered again
+        assert await index.lookup(ks(2)) == {B: 1}
+    finally:
+        await index.clear_all()
+        await index.close()

@@ -8,7 +8,7 @@
 --   remove  keys                drop keys
 --   clear                       drop every entry, return how many
 --   cap     blocks|-1           set (or unset) the capacity, trim at once
---   purge                       drop expired entries, return how many
+--   purge                       drop expired entries; return {dropped, left}
 -- Block keys are 8-byte big-endian strings (Lua numbers are doubles and would round 64-bit
 -- keys), sent concatenated in ONE argument: packing thousands of arguments costs the client
 -- far more than the script's work.
@@ -108,6 +108,6 @@ elseif op == 'cap' then
 elseif op == 'purge' then
   local dead = redis.call('ZRANGEBYSCORE', exp, '-inf', now_ms())
   drop(1, #dead, dead)
-  return #dead
+  return {#dead, redis.call('ZCARD', lru)}
 end
 return redis.error_reply('unknown op ' .. tostring(op))
