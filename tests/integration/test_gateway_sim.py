@@ -157,3 +157,23 @@ def test_precise_mode_events_confirm_route_time_entries() -> None:
             assert metric(router.url, "cache_router_kv_events_total", type="BlockStored") > 0
             # Precise: the route-time record had the 0.3 s TTL, so only the events kept it alive.
             assert metric(router.url, "cache_router_precise_mode", backend=spec.url) == 1
+
+
+def test_lora_adapter_is_its_own_namespace_and_experiment_arm_is_labelled() -> None:
+    with SimFleet(1, block_size=16, loras=("support-adapter",)) as fleet, \
+            _router(fleet, experiment={"baseline_fraction": 1.0, "baseline_policy": "least_load"}) as router:
+        decided = metric(router.url, "cache_router_decisions_total", arm="baseline", reason="least_load")
+        served = metric(router.url, "cache_router_requests_total", arm="baseline", outcome="ok",
+                        model="support-adapter")
+        models = {m["id"] for m in httpx.get(router.url + "/v1/models").json()["data"]}
+        assert models == {"sim-model", "support-adapter"}
+        base = {"model": "sim-model", "prompt": SYSTEM + "LoRA?", "max_tokens": 2}
+        adapter = {**base, "model": "support-adapter"}
+        assert httpx.post(router.url + "/v1/completions", json=base, timeout=10).status_code == 200
+        assert _debug(router, base)["replicas"][0]["matched_tokens"] > 0
+        assert _debug(router, adapter)["replicas"][0]["matched_tokens"] == 0  # same text, other adapter
+        resp = httpx.post(router.url + "/v1/completions", json=adapter, timeout=10)
+        assert resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # the engine agrees
+        assert metric(router.url, "cache_router_decisions_total", arm="baseline", reason="least_load") == decided + 2
+        assert metric(router.url, "cache_router_requests_total", arm="baseline", outcome="ok",
+                      model="support-adapter") == served + 1
