@@ -72,6 +72,7 @@ capacity, 2x it (GPU plus another tier)."""
 class ApplierState:
     expected: int | None = None  # next seq; None: nothing applied from this engine process yet
     last_ts: float = float("-inf")
+    last_batch_ts: float | None = None  # ts of the batch at seq expected - 1 (continuity check on gaps)
     disabled: str | None = None  # "block_size" or a self-check refusal: events ignored
     last_event_at: float | None = None  # monotonic time of the last applied batch
     last_resync_at: float = float("-inf")
@@ -171,6 +172,7 @@ class ReplicaApplier:
         await self._clear()
         self.state.expected = None
         self.state.last_ts = float("-inf")
+        self.state.last_batch_ts = None
 
     def silenced(self) -> None:
         """The watchdog saw no events while the engine served: not precise until the next batch."""
@@ -200,7 +202,16 @@ class ReplicaApplier:
 
     async def _fill_gap(self, start: int, stop: int) -> None:
         log.warning("kv events: gap on %s: expected seq %d, got %d; replaying", self.id, start, stop)
-        if await self._replay_range(start, stop, need_start=True):
+        # Fetch from the last batch we applied too: if the engine's copy of it differs, the engine
+        # restarted while we were not listening and its new sequence already passed ours.
+        anchor = start - 1 if start > 0 and self.state.last_batch_ts is not None else start
+        batches = await self._fetch(anchor)
+        if batches is not None and anchor < start and batches and batches[0][0] == anchor \
+                and _batch_ts(batches[0][1]) != self.state.last_batch_ts:
+            await self._restarted(f"replay holds another engine process's batch {anchor}")
+            await self._resync(upto=stop, reason="engine restarted during a gap")
+            return
+        if batches is not None and await self._apply_replayed(batches, start, stop, need_start=True):
             return
         log.warning("kv events: replay failed for %s: clearing its entries, cold until new events", self.id)
         await self._clear()
@@ -217,15 +228,22 @@ class ReplicaApplier:
             st.cold = True
             self._set_precise(False)
 
-    async def _replay_range(self, start: int, stop: int, *, need_start: bool) -> bool:
-        """Apply buffered batches with start <= seq < stop; True if none was missing."""
+    async def _fetch(self, start: int) -> list[tuple[int, bytes]] | None:
         if self._replay is None:
             metrics.KV_REPLAYS.labels(self.id, "unavailable").inc()
-            return False
+            return None
         batches = await self._replay(start)
         if batches is None:
             metrics.KV_REPLAYS.labels(self.id, "failed").inc()
-            return False
+        return batches
+
+    async def _replay_range(self, start: int, stop: int, *, need_start: bool) -> bool:
+        """Apply buffered batches with start <= seq < stop; True if none was missing."""
+        batches = await self._fetch(start)
+        return batches is not None and await self._apply_replayed(batches, start, stop, need_start=need_start)
+
+    async def _apply_replayed(self, batches: list[tuple[int, bytes]], start: int, stop: int, *,
+                              need_start: bool) -> bool:
         wanted = [(s, p) for s, p in batches if start <= s < stop]
         complete = [s for s, _ in wanted] == list(range(start, stop))
         if need_start and not complete:
@@ -277,6 +295,7 @@ class ReplicaApplier:
                 self._m_events["unknown"].inc()
         st.expected = seq + 1
         st.last_ts = max(st.last_ts, batch.ts)
+        st.last_batch_ts = batch.ts
         st.last_event_at = self._clock()
         if st.disabled is None and not st.cold and not self.backend.precise:
             self._set_precise(True)
@@ -360,3 +379,10 @@ class ReplicaApplier:
         if what not in self.state.warned:
             self.state.warned.add(what)
             log.warning(msg, *args)
+
+
+def _batch_ts(payload: bytes) -> float | None:
+    try:
+        return decode_payload(payload).ts
+    except DecodeError:
+        return None

@@ -244,6 +244,23 @@ async def test_restart_seq_back_to_zero_clears_and_reports(make_rig: Any) -> Non
     assert rig.fleet.restarts == [URL_A]
 
 
+async def test_restart_unseen_while_disconnected_is_found_by_the_gap_replay(make_rig: Any) -> None:
+    rig = await make_rig()
+    a, b = tokens(1, 32), tokens(1, 33)
+    await rig.store_chain(a)
+    await rig.store_chain(b)
+    await rig.applied(1)
+    rig.pub.restart()  # a new process; its first batches never reach the router, and its seq passes ours
+    new = [tokens(1, 34 + i) for i in range(4)]
+    for t in new[:3]:
+        await rig.store_chain(t, lose=True)
+    await rig.store_chain(new[3])
+    await until(lambda: rig.fleet.restarts)
+    await rig.applied(3)
+    assert (await rig.held(a), await rig.held(b)) == (0, 0)  # the old process's blocks are gone
+    assert [await rig.held(t) for t in new] == [1, 1, 1, 1]  # the new one's, replayed from seq 0
+
+
 async def test_malformed_messages_are_counted_and_skipped(make_rig: Any) -> None:
     rig = await make_rig()
     errors = metric(metrics.KV_DECODE_ERRORS, URL_A)
