@@ -18,7 +18,7 @@ from router.api.errors import error_response, internal_error
 from router.errors import RouterError
 from router.pipeline import Pipeline, Routed
 
-_KEEP = frozenset({b"content-type"})
+_KEEP = frozenset({b"content-type", b"content-encoding"})  # upstream headers the client gets
 
 
 class ProxyResponse:

@@ -89,8 +89,10 @@ class HttpxUpstream:
         read = max(timeouts.first_byte_s, timeouts.idle_s) + 1.0
         timeout = httpx.Timeout(connect=timeouts.connect_s, read=read, write=timeouts.idle_s,
                                 pool=timeouts.connect_s)
+        # identity: bytes are relayed raw (aiter_raw) and the SSE tap reads them, so the
+        # engine must not compress (httpx would otherwise ask for gzip/br/zstd by default).
         self._client = httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False,
-                                         follow_redirects=False)
+                                         follow_redirects=False, headers={"accept-encoding": "identity"})
 
     async def open(self, url: str, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
         request = self._client.build_request("POST", url, content=body, headers=headers)
