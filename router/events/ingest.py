@@ -40,7 +40,7 @@ from router.events.subscriber import EventSocket, Frames, ReplayClient
 from router.fleet.backend import Backend
 from router.hashing.tokenizer import ModelTokenizer
 from router.index.base import BlockIndex, IndexUnavailable
-from router.index.redis import connect
+from router.index.connection import connect
 from router.types import BackendId
 
 log = logging.getLogger(__name__)

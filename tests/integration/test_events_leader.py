@@ -20,7 +20,8 @@ from router.events.ingest import EventIngest
 from router.events.leader import IngestLease
 from router.fleet.backend import Backend
 from router.hashing.keys import prompt_keys
-from router.index.redis import RedisBlockIndex, connect
+from router.index.connection import connect
+from router.index.redis import RedisBlockIndex
 from router.types import BackendId
 from tests.integration.test_events_zmq import BS, MODEL, URL_A, FleetStandIn, backend, tokens, until
 from tests.support.servers import RedisServer, free_port
