@@ -10,9 +10,12 @@ request count and, optionally, a duration: no request starts after the deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
+import logging
 import random
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ from loadtest.runner.summary import summarize
 from loadtest.workloads import Api, Conversation, History, Workload
 from loadtest.workloads.text import SIM_MODEL_DIR, load_tokenizer
 
+log = logging.getLogger(__name__)
 DEFAULT_BLOCK_SIZE = 16  # vLLM's default; used only when no engine reports cache_config_info
 
 
@@ -116,6 +120,12 @@ class _Run:
 
     def __post_init__(self) -> None:
         self._urls = itertools.cycle(self.targets)
+        self.stopped = asyncio.Event()
+
+    def stop(self) -> None:
+        """Start nothing more; requests in flight finish and the run is reported as far as it got."""
+        self.deadline = 0.0
+        self.stopped.set()
 
     def may_send(self) -> bool:
         return len(self.records) < self.budget and time.perf_counter() < self.deadline
@@ -149,7 +159,8 @@ class _Run:
         for conv, at in zip(self.workload.conversations, starts, strict=False):
             delay = self.t0 + at - time.perf_counter()
             if delay > 0:
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopped.wait(), delay)
             if not self.may_send():
                 break
             tasks.append(asyncio.create_task(self.conversation(conv, at), name=f"loadtest-conv-{conv.id}"))
@@ -179,6 +190,22 @@ def poisson_starts(workload: Workload, rate: float) -> list[float]:
         out.append(t)
         t += rng.expovariate(rate / mean_turns)
     return out
+
+
+def _on_interrupt(run: _Run) -> bool:
+    """First Ctrl-C stops sending and still reports; the second one interrupts as usual."""
+    loop = asyncio.get_running_loop()
+
+    def first() -> None:
+        log.warning("interrupted: no new requests; waiting for those in flight (Ctrl-C again to abort)")
+        loop.remove_signal_handler(signal.SIGINT)
+        run.stop()
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, first)
+    except (RuntimeError, ValueError, NotImplementedError):  # not the main thread, or no signals here
+        return False
+    return True
 
 
 async def _model_of(client: httpx.AsyncClient, url: str) -> str:
@@ -232,12 +259,17 @@ async def run_workload(workload: Workload, target: str | Sequence[str], options:
             run.progress, run.task_id = progress, progress.add_task(run.label, total=budget)
             run.t0 = time.perf_counter()
             cpu0 = time.process_time()
-            if arrival == "closed":
-                await run.closed_loop(opts.concurrency or 8)
-            else:
-                starts = (poisson_starts(workload, opts.rate or 1.0) if arrival == "poisson"
-                          else [c.arrival_s or 0.0 for c in workload.conversations])
-                await run.open_loop(starts)
+            interruptible = _on_interrupt(run)
+            try:
+                if arrival == "closed":
+                    await run.closed_loop(opts.concurrency or 8)
+                else:
+                    starts = (poisson_starts(workload, opts.rate or 1.0) if arrival == "poisson"
+                              else [c.arrival_s or 0.0 for c in workload.conversations])
+                    await run.open_loop(starts)
+            finally:
+                if interruptible:
+                    asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
         wall = time.perf_counter() - run.t0
         cpu = time.process_time() - cpu0
         await watch.stop()

@@ -144,3 +144,42 @@ def test_compare_cli_over_two_workloads_writes_a_summary(engines: list[str], tmp
         arms = json.loads((tmp_path / name / "compare.json").read_text())["arms"]
         assert [a["name"] for a in arms] == [DIRECT, "one"] and all(a["summary"]["ok"] == 16 for a in arms)
     assert (tmp_path / "summary-hit-rate.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ctrl_c_stops_sending_and_still_writes_the_report(engines: list[str], tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.support.servers import env_without_proxies
+
+    out = tmp_path / "int.json"
+    before = sum(_requests(e) for e in engines)  # earlier tests used these engines too
+    proc = subprocess.Popen([sys.executable, "-m", "loadtest", "run", "--direct-round-robin", "--engines", *engines,
+                             "--workload", "zero_reuse", "--requests", "5000", "--system-tokens", "32",
+                             "--question-tokens", "8", "--output-tokens", "2", "--rate", "20", "--no-progress",
+                             "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env_without_proxies())
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:  # wait until requests are flowing
+            if sum(_requests(e) for e in engines) - before >= 5:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    s = json.loads(out.read_text())["summary"]
+    assert 5 <= s["requests"] < 5000 and s["ok"] == s["requests"]
+    assert out.with_suffix(".md").exists()
+
+
+def _requests(url: str) -> float:
+    import httpx
+
+    from loadtest.runner.engines import parse_metrics
+
+    return parse_metrics(httpx.get(url + "/metrics", timeout=5).text).requests or 0.0
