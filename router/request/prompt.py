@@ -36,10 +36,11 @@ CHARS_PER_TOKEN = 4
 """English BPE averages about 4 characters per token; only used in approximate mode."""
 THREAD_THRESHOLD_CHARS = 32_768
 """Above this (~8k tokens) a prompt is tokenized in a worker thread. Below it, inline is
-faster: repeated chunks hit the tokenizer's segment cache (router.hashing.segments), whose
-Python part holds the GIL, so a thread only adds a hand-off and up to a GIL switch interval
-(5 ms) of stall to the event loop. Measured with wrk on 2k-token prompts: 8k-char threshold
-34-70 req/s, inline several thousand (see the gateway report)."""
+cheaper: repeated chunks hit the tokenizer's segment cache (router.hashing.segments), whose
+Python part holds the GIL, so a thread adds a hand-off and can stall the event loop for a
+GIL switch interval (5 ms). Uncached, the sim tokenizer takes ~0.3 µs per character, so the
+longest inline call is ~10 ms; measured here with a threshold of 8k characters, the thread
+hand-offs showed up as the top cost in a profile of 2k-token requests."""
 
 _render_s = STAGE_SECONDS.labels("render")
 _tokenize_s = STAGE_SECONDS.labels("tokenize")
