@@ -96,7 +96,8 @@ def summarize(records: Sequence[RequestRecord], engines: Sequence[EngineUsage], 
         "stale_predictions": sum(1 for r in predicted if (r.matched_tokens or 0) > (r.cached_tokens or 0)),
         "engine_requests": reqs,
         "engine_requests_source": source,
-        "engine_busy": busy,
+        "engine_busy": busy,  # mean requests running + waiting on each engine, sampled during the run
+        "engine_busy_share": {u: b / sum(busy.values()) for u, b in busy.items()} if sum(busy.values()) else {},
         "load_balance": balance(list(reqs.values())),
         "busy_balance": balance(list(busy.values())),
     }

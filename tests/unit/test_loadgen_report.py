@@ -42,6 +42,7 @@ def test_summary_figures_follow_from_the_records() -> None:
     assert abs(s["of_ceiling"] - 0.5 / 0.6) < 1e-12
     assert s["engine_requests"] == {E1: 6.0, E2: 4.0} and s["engine_requests_source"] == "router header"
     assert s["load_balance"] == 6 / 5 and s["busy_balance"] == 3 / 2
+    assert s["engine_busy_share"] == {E1: 0.75, E2: 0.25}
     assert abs(s["ttft_s"]["p50"] - 0.05) < 1e-9  # ttfts 10..90 ms, median 50 ms
     assert s["throughput_rps"] == 4.5 and s["output_tokens_per_s"] == 36.0
     assert s["predicted_tokens"] == 9 * 48 and s["predicted_requests"] == 9
