@@ -62,6 +62,9 @@ ReplayFn = Callable[[int], Awaitable[list[tuple[int, bytes]] | None]]
 RESYNC_COOLDOWN_S = 30.0
 """At most one full resync (clear + replay from 0) per this long: a lineage rooted before the
 engine's replay buffer would otherwise trigger one per event."""
+LOST_WRITES_RETRY_S = 1.0
+"""While the index is unreachable, one rebuild attempt per second, not one per batch (each replays
+up to the engine's whole buffer)."""
 _OWN_REPORT_WINDOW_S = 5.0  # the fleet's echo of a restart we reported arrives within milliseconds
 DEFAULT_MAP_BLOCKS = 1 << 18
 """Engine-hash map bound when the replica's capacity is unknown (~40 MB); with a known
@@ -78,6 +81,7 @@ class ApplierState:
     last_resync_at: float = float("-inf")
     cold: bool = False
     need_resync: bool = False
+    lost_writes: bool = False  # index writes failed: rebuild (clear + replay) once the index answers
     warned: set[str] = field(default_factory=set)
 
 
@@ -126,7 +130,12 @@ class ReplicaApplier:
                 return  # a batch we already applied (live copy of a replayed one)
             await self._restarted(f"sequence went back from {st.expected - 1} to {seq}")
         if st.expected is None:
-            if seq != 0:
+            if st.lost_writes:
+                if self._clock() - st.last_resync_at < LOST_WRITES_RETRY_S:
+                    return  # the index is away: drop; the resync after it comes back replays this batch
+                await self._resync(upto=seq, reason="index writes were lost")
+                st.lost_writes = False
+            elif seq != 0:
                 await self._resync(upto=seq, reason=f"first batch seen has seq {seq}")
         elif seq > st.expected:
             metrics.KV_GAPS.labels(self.id).inc()
@@ -184,6 +193,7 @@ class ReplicaApplier:
         self._blocks.clear()
         self.state.expected = None
         self.state.cold = True
+        self.state.lost_writes = True
         self._set_precise(False)
 
     def disable(self, reason: str) -> None:
@@ -224,7 +234,9 @@ class ReplicaApplier:
         log.info("kv events: resync of %s (%s)", self.id, reason)
         st.last_resync_at = self._clock()
         await self._clear()
-        if not await self._replay_range(0, upto, need_start=False):
+        if await self._replay_range(0, upto, need_start=False):
+            st.cold = False  # rebuilt from seq 0: exact again
+        else:
             st.cold = True
             self._set_precise(False)
 
