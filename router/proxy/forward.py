@@ -96,7 +96,7 @@ class Forwarder:
                 if resp.status >= 500:
                     raise _BadStatus(f"{backend} answered {resp.status}")
                 chunks = resp.chunks()
-                if stream and resp.status == 200:
+                if stream and resp.status == 200 and _is_sse(resp.headers):
                     first = await anext(chunks, b"")
                     if first:
                         committed = True
@@ -148,6 +148,11 @@ class Forwarder:
         self.fleet.release(backend, ok)
         if self.on_release is not None:
             self.on_release()
+
+
+def _is_sse(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Only an event stream is relayed chunk by chunk; anything else is one JSON answer."""
+    return any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
 
 
 __all__ = ["Forwarder", "Opened", "StreamBroken", "TimedOut", "UpstreamFailure"]
