@@ -62,7 +62,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                    help="engine URLs whose /metrics to read (default: discovered from a cache-router target)")
     g.add_argument("--block-size", type=int, help="ceiling block size (default: from the engines)")
     g.add_argument("--tokenizer", default=str(SIM_MODEL_DIR), help="model directory for the ceiling's tokenizer")
-    g.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
+    g.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds (whole request, stream included)")
     g.add_argument("--think-time", type=float, default=0.0, help="multi_turn: seconds between reply and next turn")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 

@@ -8,6 +8,7 @@ or the streaming usage chunk, which the client always asks for.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,8 @@ class RequestRecord:
     start_s: float                     # since the run started
     url: str                           # where it was sent (a router, or an engine under direct round robin)
     ok: bool = False
-    error: str | None = None           # http_<status>, timeout, connect, disconnected, stream_error, incomplete, bad_body
+    error: str | None = None           # http_<status>, timeout, connect, disconnected, transport, stream_error,
+                                       # incomplete, bad_body
     status: int | None = None
     ttft_s: float | None = None
     e2e_s: float | None = None
@@ -73,39 +75,50 @@ def _take_headers(record: RequestRecord, headers: httpx.Headers) -> None:
 
 
 async def send(client: httpx.AsyncClient, record: RequestRecord, path: str, body: dict[str, Any],
-               stream: bool) -> str:
-    """Send one request, filling ``record``; returns the reply text ("" on error)."""
+               stream: bool, total_timeout_s: float | None = None) -> str:
+    """Send one request, filling ``record``; returns the reply text ("" on error).
+
+    ``total_timeout_s`` bounds the whole request, so a stream that trickles forever ends too
+    (the client's own timeouts only bound each read).
+    """
     payload = dict(body, stream=stream)
     if stream:
         payload["stream_options"] = {"include_usage": True}
     t0 = time.perf_counter()
     parts: list[str] = []
     try:
-        if stream:
-            await _stream(client, record, record.url.rstrip("/") + path, payload, t0, parts)
-        else:
-            resp = await client.post(record.url.rstrip("/") + path, content=orjson.dumps(payload),
-                                     headers={"content-type": "application/json"})
-            record.status = resp.status_code
-            _take_headers(record, resp.headers)
-            if resp.status_code >= 400:
-                record.error = f"http_{resp.status_code}"
-            else:
-                data = orjson.loads(resp.content)
-                parts.append(_text_of(data))
-                _take_usage(record, data.get("usage"))
-                record.ttft_s = None
-                record.ok = True
-    except httpx.TimeoutException:
-        record.error = "timeout"
+        async with asyncio.timeout(total_timeout_s):
+            await _exchange(client, record, path, payload, stream, t0, parts)
+    except (httpx.TimeoutException, TimeoutError):
+        record.ok, record.error = False, "timeout"
     except httpx.ConnectError:
         record.error = "connect"
     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
         record.error = "disconnected"
+    except httpx.HTTPError:
+        record.error = "transport"
     except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
         record.error = "bad_body"
     record.e2e_s = time.perf_counter() - t0
     return "".join(parts) if record.ok else ""
+
+
+async def _exchange(client: httpx.AsyncClient, record: RequestRecord, path: str, payload: dict[str, Any],
+                    stream: bool, t0: float, parts: list[str]) -> None:
+    if stream:
+        await _stream(client, record, record.url.rstrip("/") + path, payload, t0, parts)
+    else:
+        resp = await client.post(record.url.rstrip("/") + path, content=orjson.dumps(payload),
+                                 headers={"content-type": "application/json"})
+        record.status = resp.status_code
+        _take_headers(record, resp.headers)
+        if resp.status_code >= 400:
+            record.error = f"http_{resp.status_code}"
+        else:
+            data = orjson.loads(resp.content)
+            parts.append(_text_of(data))
+            _take_usage(record, data.get("usage"))
+            record.ok = True
 
 
 async def _stream(client: httpx.AsyncClient, record: RequestRecord, url: str, payload: dict[str, Any],

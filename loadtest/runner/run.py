@@ -145,7 +145,7 @@ class _Run:
                 record.late_s = max(0.0, record.start_s - scheduled_s)
             self.records.append(record)
             self.sent.append((record.index, path, body))
-            reply = await send(self.client, record, path, body, self.options.stream)
+            reply = await send(self.client, record, path, body, self.options.stream, self.options.request_timeout_s)
             self.replies[record.index] = reply
             self.failed += 0 if record.ok else 1
             if self.progress is not None:

@@ -42,6 +42,11 @@ async def completions(request: Request) -> Response:
         return JSONResponse({"choices": [choice], "usage": usage}, headers=headers)
 
     async def events() -> AsyncIterator[bytes]:
+        if prompt == "trickle":  # a token every 50 ms for up to 10 s: each read is quick, the whole is not
+            for _ in range(200):
+                yield chunk("x")
+                await asyncio.sleep(0.05)
+            return
         if chat:
             yield b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"role": "assistant"}}]}) + b"\n\n"
         await asyncio.sleep(FIRST_DELAY)
@@ -70,10 +75,11 @@ def server() -> Iterator[UvicornThread]:
     srv.stop()
 
 
-async def _send(url: str, path: str, body: dict[str, object], stream: bool = True) -> tuple[RequestRecord, str]:
+async def _send(url: str, path: str, body: dict[str, object], stream: bool = True,
+                total: float | None = None) -> tuple[RequestRecord, str]:
     record = RequestRecord(0, 0, 0, 0.0, url)
     async with httpx.AsyncClient(trust_env=False, timeout=5.0) as client:
-        reply = await send(client, record, path, body, stream)
+        reply = await send(client, record, path, body, stream, total)
     return record, reply
 
 
@@ -107,3 +113,10 @@ async def test_connection_refused_is_connect_error() -> None:
 
     record, _ = await _send(f"http://127.0.0.1:{free_port()}", "/v1/completions", {"model": "m", "prompt": "x"})
     assert record.error == "connect"
+
+
+async def test_a_trickling_stream_ends_at_the_total_timeout(server: UvicornThread) -> None:
+    record, reply = await _send(server.url, "/v1/completions", {"model": "m", "prompt": "trickle"}, total=0.5)
+    assert record.error == "timeout" and not record.ok and reply == ""
+    assert record.e2e_s is not None and 0.5 <= record.e2e_s < 2.0
+    assert record.ttft_s is not None and len(record.itl_s) >= 3  # tokens did arrive before the deadline
