@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import Any
 
@@ -65,8 +66,12 @@ def serve(config: RouterConfig) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # httpx logs every request at INFO: one line per proxied request and probe is noise and cost.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # uvicorn re-raises SIGTERM once its graceful shutdown is done (exit status -15). A drained
+    # shutdown is a success: a no-op handler here is what uvicorn restores and re-raises into.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(create_app(config), host=config.host, port=config.port, loop="uvloop", http="httptools",
-                log_level=config.log_level, lifespan="on", access_log=False, timeout_graceful_shutdown=30)
+                log_level=config.log_level, lifespan="on", access_log=False,
+                timeout_graceful_shutdown=config.shutdown_timeout_s)
     return 0
 
 

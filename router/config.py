@@ -209,6 +209,9 @@ class RouterConfig(_Section):
     """8 MiB holds a 128k-token prompt with room; larger bodies get 413."""
     log_level: str = "info"
     log_decisions: bool = True
+    shutdown_timeout_s: float = Field(default=30.0, ge=0)
+    """On SIGTERM the router stops accepting and gives in-flight streams this long to finish, then
+    cuts them and exits 0. Below the pod's terminationGracePeriodSeconds (chart 120 s, manifests 60 s)."""
     scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
