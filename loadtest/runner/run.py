@@ -133,10 +133,10 @@ class _Run:
     async def conversation(self, conv: Conversation, scheduled_s: float | None = None) -> None:
         history = History(conv)
         for i in range(len(conv.turns)):
-            if not self.may_send():
-                return
             if i and self.options.think_time_s:
                 await asyncio.sleep(self.options.think_time_s)
+            if not self.may_send():
+                return
             path, body = history.body(i, self.options.api, self.model)
             record = RequestRecord(len(self.records), conv.id, i, time.perf_counter() - self.t0, next(self._urls))
             if i == 0 and scheduled_s is not None:
