@@ -203,3 +203,54 @@ def metric(router_url: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+def bench_route(n: int = 500) -> None:
+    """Print the router's in-process cost of ``Pipeline.route`` (parse excluded): tokenize,
+    hash, index lookup, fleet snapshot and scheduling, per prompt size, on 4 fake-healthy
+    replicas with a warm in-process index. No HTTP: the proxy's cost is measured end to end
+    by ``python -m loadtest overhead``. Run: ``python -m tests.support.router``."""
+    import random
+    import statistics
+
+    from loadtest.bench.prompts import chat_body, completion_body
+    from router.fleet.registry import Fleet
+    from router.index.memory import MemoryBlockIndex
+    from router.index.resilient import ResilientIndex
+    from router.pipeline import Pipeline
+    from router.proxy.forward import Forwarder
+    from router.request.parse import parse_request
+    from router.request.prompt import PromptEncoder
+    from router.scheduling import Scheduler
+    from tests.conftest import SIM_MODEL
+
+    cfg = router_config([{"url": f"http://127.0.0.1:{9000 + i}", "models": ["sim-model"]} for i in range(4)],
+                        tokenizer=str(SIM_MODEL), log_decisions=False)
+
+    async def run() -> None:
+        fleet = Fleet(cfg)
+        for b in fleet.backends():
+            b.healthy = True
+        index = ResilientIndex(MemoryBlockIndex())
+        pipeline = Pipeline(cfg, index, fleet, Scheduler(cfg.scheduling, "cache_aware", random.Random(0)),
+                            PromptEncoder(cfg), Forwarder(None, fleet, cfg))  # type: ignore[arg-type]
+        cases = [("completion", 100, completion_body(100)), ("completion", 2000, completion_body(2000)),
+                 ("completion", 8000, completion_body(8000)), ("chat", 2000, chat_body(2000))]
+        print(f"Pipeline.route, median of {n} requests after {n // 5} warm-up (µs)")
+        for kind, size, template in cases:
+            bodies = [template.replace("__UNIQUE__", str(i)).encode() for i in range(n + n // 5)]
+            times = []
+            for i, raw in enumerate(bodies):
+                req = parse_request(raw, kind)  # type: ignore[arg-type]
+                t0 = time.perf_counter()
+                routed = await pipeline.route(req, "bench", None)
+                if i >= n // 5:
+                    times.append(time.perf_counter() - t0)
+                await index.record(routed.decision.backend, routed.gathered.enc.keys, ttl_s=None)
+            print(f"  {kind:<10} {size:>5} tokens  {statistics.median(times) * 1e6:8.0f}")
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    bench_route()
