@@ -93,9 +93,9 @@ async def test_multi_turn_chat_on_one_engine_reaches_its_ceiling(engines: list[s
     await reset_fleet(engines)
     workload = build_workload("multi_turn", 3, requests=24, turns=4, system_tokens=128, question_tokens=24,
                               output_tokens=24)
-    result = await run_workload(workload, engines[1], RunOptions(api="chat", concurrency=3, progress=False,
-                                                                 engines=[engines[1]]))
+    result = await run_workload(workload, engines[1], RunOptions(api="chat", concurrency=3, progress=False))
     s = result.summary
+    assert result.engine_urls == [engines[1]]  # an engine target is read as its own fleet
     assert s["ok"] == 24 and s["token_count_mismatches"] == 0
     # Later turns repeat the whole history, including the replies the engine generated.
     assert s["hit_rate_usage"] > 0.5
