@@ -19,8 +19,13 @@ local op = ARGV[1]
 local CHUNK = 2000
 
 local function split(blob)
-  local out = {}
-  for i = 1, #blob, 8 do out[#out + 1] = string.sub(blob, i, i + 7) end
+  -- struct.unpack: half the cost of a string.sub per key
+  local out, n = {}, math.floor(#blob / 8)
+  for first = 0, n - 1, CHUNK do
+    local m = math.min(n - first, CHUNK)
+    local got = {struct.unpack(string.rep('c8', m), blob, first * 8 + 1)}
+    for k = 1, m do out[first + k] = got[k] end
+  end
   return out
 end
 
