@@ -1,8 +1,11 @@
 """Which index a router gets: in-process by default, the shared Redis one when ``redis_url`` is set.
 
 Owns the choice and the wrapping; the backends own their behaviour. The Redis index is
-wrapped in ``ResilientIndex`` (metrics, degraded log lines, fail-fast), so callers see
-one BlockIndex whatever the deployment.
+wrapped in ``ResilientIndex`` (one log line per degraded/recovered change, fail-fast while
+Redis is away), so callers see one BlockIndex whatever the deployment. The wrapper's own
+metrics are off here because ``router.pipeline`` and ``router.app`` already observe lookup
+latency, count index errors and set the degraded gauge: counting twice would make the
+dashboard lie. Whoever drops those lines there turns ``metrics=True`` on here.
 """
 
 from __future__ import annotations
@@ -24,4 +27,4 @@ def make_index(config: RouterConfig) -> BlockIndex:
         deadline_ms=cfg.deadline_ms,
         cluster=True if cfg.cluster else None,  # None: let the URL's scheme decide
     )
-    return ResilientIndex(redis)
+    return ResilientIndex(redis, metrics=False)
