@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -114,7 +115,7 @@ async def memory_per_block(url: str, blocks: int) -> dict[str, float]:
     """Bytes per (block, replica) entry: MEMORY USAGE of the sorted sets, and used_memory growth."""
     raw = aioredis.Redis.from_url(url)
     ns = "bench-mem"
-    index = RedisBlockIndex.from_url(url, namespace=ns, deadline_ms=5000)
+    index = RedisBlockIndex.from_url(url, namespace=ns, deadline_ms=60_000)
     a, b = BackendId("http://10.0.0.1:8000"), BackendId("http://10.0.0.2:8000")
     try:
         await index.record(a, chain(1, 1), ttl_s=None)
@@ -161,7 +162,7 @@ async def run(args: argparse.Namespace) -> int:
                 (
                     f"redis {mode}",
                     lambda m=mode: RedisBlockIndex.from_url(
-                        url, namespace=f"bench-{m}", deadline_ms=5000, lookup_mode=m
+                        url, namespace=f"bench-{m}", deadline_ms=60_000, lookup_mode=m
                     ),
                 )
             )
@@ -170,7 +171,7 @@ async def run(args: argparse.Namespace) -> int:
                     (
                         f"cluster {mode}",
                         lambda m=mode: RedisBlockIndex.from_url(
-                            cluster_url, namespace=f"bench-c{m}", deadline_ms=5000, lookup_mode=m
+                            cluster_url, namespace=f"bench-c{m}", deadline_ms=60_000, lookup_mode=m
                         ),
                     )
                 )
@@ -195,6 +196,8 @@ async def run(args: argparse.Namespace) -> int:
             f"{r.per_s:,.0f}",
         )
     console.print(table)
+    load1, _, _ = os.getloadavg()
+    console.print(f"machine: {os.cpu_count()} cores, load average {load1:.1f} during the run")
     console.print(
         f"Redis memory per (block, replica) entry over {args.mem_blocks} blocks: "
         f"confirmed {mem['confirmed']:.0f} B, TTL'd {mem['ttl']:.0f} B (MEMORY USAGE); "
