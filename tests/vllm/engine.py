@@ -109,7 +109,7 @@ class VllmEngine:
             # A new session, so stop() can end the engine-core child with its parent.
             self.proc = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
-                cwd=str(self.log_path.parent), start_new_session=True,
+                cwd=str(self.log_path.parent), start_new_session=True, preexec_fn=_die_with_parent,
             )  # fmt: skip
         deadline = began + timeout
         with httpx.Client(timeout=2.0) as client:
@@ -168,6 +168,14 @@ class VllmEngine:
         except OSError:
             return f"(no log at {self.log_path})"
         return f"--- last {lines} lines of {self.log_path} ---\n" + "\n".join(text[-lines:])
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it if pytest dies (killed by a CI timeout), so no 2 GB engine lingers."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def build_tiny_model(cache_root: Path) -> Path:
