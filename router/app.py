@@ -29,7 +29,7 @@ from router.index import factory
 from router.index.base import BlockIndex, IndexUnavailable
 from router.index.resilient import ResilientIndex
 from router.pipeline import Pipeline
-from router.proxy.client import HttpxUpstream
+from router.proxy.client import make_client
 from router.proxy.forward import Forwarder
 from router.request.prompt import PromptEncoder
 from router.scheduling import Scheduler
@@ -112,7 +112,7 @@ def create_app(config: RouterConfig) -> Starlette:
         ingest = make_ingest(config, index, fleet)
         if ingest is not None:
             await ingest.start()
-        client = HttpxUpstream(config.proxy, config.timeouts)
+        client = make_client(config.proxy, config.timeouts)
         pipeline = Pipeline(config, index, fleet, scheduler, PromptEncoder(config),
                             Forwarder(client, fleet, config))
         app.state.pipeline = pipeline

@@ -13,6 +13,7 @@ import pytest
 
 from tests.support.router import metric, running_router, scripted_engines
 
+CLIENTS = pytest.mark.parametrize("client", ["aiohttp", "httpx"])  # both UpstreamClient implementations
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 20
 
 
@@ -20,9 +21,10 @@ def _events(text: str) -> list[str]:
     return [e[len("data: "):] for e in text.split("\n\n") if e.startswith("data: ")]
 
 
-def test_stream_arrives_incrementally_with_headers() -> None:
+@CLIENTS
+def test_stream_arrives_incrementally_with_headers(client: str) -> None:
     with scripted_engines(1, chunks=5, chunk_interval_s=0.15) as (engine,), \
-            running_router(backends=[engine.url]) as router:
+            running_router(proxy={"client": client}, backends=[engine.url]) as router:
         arrivals: list[float] = []
         t0 = time.monotonic()
         with httpx.stream("POST", router.url + "/v1/completions", timeout=10,
@@ -51,8 +53,10 @@ def test_non_streaming_headers_and_body() -> None:
         assert resp.json()["choices"][0]["message"]["content"] == "xxxxx"
 
 
-def test_5xx_is_retried_on_another_replica_before_the_first_byte() -> None:
-    with scripted_engines(2) as (bad, good), running_router(backends=[bad.url, good.url]) as router:
+@CLIENTS
+def test_5xx_is_retried_on_another_replica_before_the_first_byte(client: str) -> None:
+    with scripted_engines(2) as (bad, good), \
+            running_router(proxy={"client": client}, backends=[bad.url, good.url]) as router:
         bad.script.mode = "status"
         before = metric(router.url, "cache_router_retries_total", reason="status")
         for i in range(6):
@@ -76,9 +80,10 @@ def test_connect_error_is_retried_on_another_replica() -> None:
         assert metric(router.url, "cache_router_retries_total", reason="connect") > before
 
 
-def test_broken_stream_ends_with_sse_error_and_is_not_retried() -> None:
+@CLIENTS
+def test_broken_stream_ends_with_sse_error_and_is_not_retried(client: str) -> None:
     with scripted_engines(2, mode="die") as engines, \
-            running_router(backends=[e.url for e in engines]) as router:
+            running_router(proxy={"client": client}, backends=[e.url for e in engines]) as router:
         resp = httpx.post(router.url + "/v1/completions", timeout=10,
                           json={"model": "sim-model", "prompt": PROMPT, "stream": True})
         assert resp.status_code == 200
@@ -90,9 +95,10 @@ def test_broken_stream_ends_with_sse_error_and_is_not_retried() -> None:
         assert sum(len(e.requests) for e in engines) == 1
 
 
-def test_first_byte_timeout_retries_then_504() -> None:
+@CLIENTS
+def test_first_byte_timeout_retries_then_504(client: str) -> None:
     with scripted_engines(2, first_byte_delay_s=3.0) as engines, \
-            running_router(backends=[e.url for e in engines], timeouts={"first_byte_s": 0.3},
+            running_router(proxy={"client": client}, backends=[e.url for e in engines], timeouts={"first_byte_s": 0.3},
                            health={"interval_s": 0.2, "max_retries": 1, "breaker_failures": 50}) as router:
         t0 = time.monotonic()
         resp = httpx.post(router.url + "/v1/completions", timeout=10, json={"model": "sim-model", "prompt": PROMPT})
@@ -102,9 +108,10 @@ def test_first_byte_timeout_retries_then_504() -> None:
         assert [len(e.requests) for e in engines] == [1, 1]
 
 
-def test_client_disconnect_mid_stream_cancels_upstream() -> None:
+@CLIENTS
+def test_client_disconnect_mid_stream_cancels_upstream(client: str) -> None:
     with scripted_engines(1, mode="endless", chunk_interval_s=0.05) as (engine,), \
-            running_router(backends=[engine.url]) as router:
+            running_router(proxy={"client": client}, backends=[engine.url]) as router:
         with httpx.stream("POST", router.url + "/v1/completions", timeout=10,
                           json={"model": "sim-model", "prompt": PROMPT, "stream": True}) as resp:
             for i, _ in enumerate(resp.iter_lines()):
