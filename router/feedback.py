@@ -84,6 +84,10 @@ class Feedback:
             series.ttft.observe(opened.first_byte_at - r.started)
         if opened is not None and opened.status == 200:
             self._feedback(r, backend, usage)
+        elif r.outcome != "cancelled":
+            self._forget(r, backend)  # refused or failed: the replica cached nothing of this prompt
+        if opened is not None and opened.backend != d.backend:
+            self._forget(r, d.backend)  # the first pick failed before answering
         log_decision(self.config.log_decisions, r.request_id, req.model, g.enc, g.index_available, d, r.arm,
                      r.outcome, r.status or 0, r.started,
                      backend=backend, cached=r.cached, attempts=opened.attempts if opened else 0)
@@ -122,6 +126,14 @@ class Feedback:
         b = self.fleet.get(backend)
         ttl = self.config.index.speculative_ttl_s if b is not None and b.precise else self.config.index.ttl_s
         self._spawn(self._index_call(self.index.record(backend, keys, ttl_s=ttl)), "index-record")
+
+    def _forget(self, r: Routed, backend: BackendId) -> None:
+        """Undo ``record`` for a replica that did not serve the prompt: drop the keys past
+        what the index already credited it with before this request."""
+        g = r.gathered
+        keys = g.enc.keys[g.matched.get(backend, 0):]
+        if keys:
+            self._spawn(self._drop(backend, keys), "index-forget")
 
     async def _drop(self, backend: BackendId, keys: list[BlockKey]) -> None:
         await self._index_call(self.index.remove(backend, keys))
