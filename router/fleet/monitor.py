@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 MODELS_REFRESH_S = 30.0
 """Adapters are loaded and unloaded at runtime; 30 s bounds how long a new one is unroutable."""
+STOP_TIMEOUT_S = 5.0
+"""Every task here stops at its next await once cancelled; 5 s is a bug, not a slow task."""
 
 
 @dataclass
@@ -94,9 +96,10 @@ class Monitor:
         self._tasks = []
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)
+            for t in stuck:  # never hang the app's shutdown on one of ours
+                log.error("fleet: task %s ignored cancellation; abandoned", t.get_name())
         self._models_wakeup = None
         if self._client is not None:
             await self._client.aclose()
@@ -184,8 +187,11 @@ class Monitor:
         wakeup = self._models_wakeup
         assert wakeup is not None
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives as
+            # the event is set, and stop() then waited forever for this task.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wakeup.wait(), MODELS_REFRESH_S)
+                async with asyncio.timeout(MODELS_REFRESH_S):
+                    await wakeup.wait()
             wakeup.clear()
             try:
                 await self._models_round()

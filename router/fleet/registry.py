@@ -233,9 +233,8 @@ class Fleet:
         tasks = list(self._side_tasks)
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
 
     async def probe_all(self) -> None:
         """One round of probes, then models and metrics of the healthy: for start-up readiness."""

@@ -273,3 +273,17 @@ async def test_add_remove_and_configured_models(engines) -> None:
         await fleet.stop()
     assert e0.hits["models"] == 0 and e1.hits["models"] >= 1
 
+
+
+async def test_stop_is_prompt_right_after_a_models_wakeup(engines) -> None:
+    # Regression: asyncio.wait_for swallowed the cancel when the wake-up event was set at
+    # the same moment, and stop() waited forever for the models task.
+    (_, s0), _ = engines
+    fleet = Fleet(fast_config([s0.url]))
+    await fleet.start()
+    await asyncio.sleep(0.1)
+    fleet.mark_restarted(BackendId(s0.url))  # wakes the models task
+    t0 = time.monotonic()
+    await fleet.stop()
+    assert time.monotonic() - t0 < 1.0
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("fleet-") and not t.done()]
