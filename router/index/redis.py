@@ -78,9 +78,12 @@ class RedisBlockIndex:
         self.lookup_mode: LookupMode = lookup_mode
         self._clock = clock
         self._replica_src, self._lookup_src = _lua("replica"), _lua("lookup")
-        # register_script once: calls go by SHA; NOSCRIPT (a restarted Redis) reloads
-        self._replica_script = client.register_script(self._replica_src)
+        # SHAs computed once (register_script); NOSCRIPT (a restarted Redis) resends the source
+        self._replica_sha = client.register_script(self._replica_src).sha
         self._lookup_sha = client.register_script(self._lookup_src).sha
+        # scripts believed loaded: the first call of each sends its source (EVAL loads and
+        # runs in one round trip), later ones go by SHA
+        self._loaded: set[str] = set()
         self._replicas: list[BackendId] | None = None
         self._replicas_at = 0.0
         self._caps: dict[BackendId, int | None] = {}  # re-applied when Redis comes back empty
@@ -223,7 +226,7 @@ class RedisBlockIndex:
     async def _lookup_round(
         self, replicas: list[BackendId], members: list[bytes], refresh: bool
     ) -> tuple[dict[BackendId, int], list[BackendId] | None]:
-        pipe = self._r.pipeline(transaction=False)
+        pipe, sent = self._r.pipeline(transaction=False), set[str]()
         if refresh:
             pipe.smembers(K.replicas(self._ns))
         if self.lookup_mode == "pipeline":
@@ -232,11 +235,13 @@ class RedisBlockIndex:
                 pipe.hmget(K.replica_held(self._ns, r), members)
         elif self._cluster:  # one script per replica, grouped per node by the cluster pipeline
             for r in replicas:
-                pipe.execute_command("EVALSHA", self._lookup_sha, 1, K.replica_held(self._ns, r), *members)
+                self._script(
+                    pipe, sent, self._lookup_src, self._lookup_sha, 1, K.replica_held(self._ns, r), *members
+                )
         elif replicas:
             helds = [K.replica_held(self._ns, r) for r in replicas]
-            pipe.execute_command("EVALSHA", self._lookup_sha, len(helds), *helds, *members)
-        out = await self._execute(pipe, lambda: self._lookup_round(replicas, members, refresh))
+            self._script(pipe, sent, self._lookup_src, self._lookup_sha, len(helds), *helds, *members)
+        out = await self._execute(pipe, lambda: self._lookup_round(replicas, members, refresh), sent)
         if isinstance(out, tuple):
             return out
         fresh = sorted(BackendId(m.decode()) for m in out.pop(0)) if refresh else None
@@ -246,16 +251,25 @@ class RedisBlockIndex:
             runs = [int(x) for reply in out for x in reply]
         return {r: n for r, n in zip(replicas, runs, strict=True) if n > 0}, fresh
 
-    async def _execute(self, pipe: Any, again: Callable[[], Awaitable[T]]) -> list[Any] | T:
+    async def _execute(self, pipe: Any, again: Callable[[], Awaitable[T]], sent: set[str]) -> list[Any] | T:
+        """Run a pipeline; ``sent``: SHAs of the scripts it carries as source (EVAL)."""
         try:
-            return list(await pipe.execute())
+            out = list(await pipe.execute())
         except NoScriptError:
-            # Redis restarted empty (or failed over): load the scripts on every node, put back
-            # the capacities it forgot (or the index would grow unbounded), then redo once
-            await self._r.script_load(self._replica_src)
-            await self._r.script_load(self._lookup_src)
+            # Redis restarted empty (or failed over, or a node is new): redo once with the
+            # scripts' source, and put back the capacities it forgot (or it would grow unbounded)
+            self._loaded.clear()
             self._caps_pending.update(self._caps)
             return await again()
+        self._loaded.update(sent)
+        return out
+
+    def _script(self, pipe: Any, sent: set[str], src: str, sha: str, numkeys: int, *args: Any) -> None:
+        if sha in self._loaded:
+            pipe.execute_command("EVALSHA", sha, numkeys, *args)
+        else:
+            pipe.execute_command("EVAL", src, numkeys, *args)
+            sent.add(sha)
 
     async def _replica_op(self, replica: BackendId, *args: Any) -> Any:
         return (await self._pipelined([(replica, list(args))]))[0]
@@ -268,17 +282,18 @@ class RedisBlockIndex:
             return []
         # the registry lets lookups and sizes() find replicas without a scan
         new = {r for r, args in todo if args[0] in ("record", "cap")}
-        pipe = self._r.pipeline(transaction=False)
-        sha = self._replica_script.sha
+        pipe, sent = self._r.pipeline(transaction=False), set[str]()
         for replica, args in todo:
-            pipe.execute_command("EVALSHA", sha, 4, *K.replica_keys(self._ns, replica), *args)
+            self._script(
+                pipe, sent, self._replica_src, self._replica_sha, 4, *K.replica_keys(self._ns, replica), *args
+            )
         if new:
             pipe.sadd(K.replicas(self._ns), *new)
         # a cleared replica leaves the registry (a record by another router puts it back)
         gone = {r for r, args in todo if args[0] == "clear"}
         if gone:
             pipe.srem(K.replicas(self._ns), *gone)
-        out = await self._execute(pipe, lambda: self._pipelined(ops))
+        out = await self._execute(pipe, lambda: self._pipelined(ops), sent)
         if isinstance(out, list) and len(out) >= len(todo):  # this round sent the capacities
             self._caps_pending.difference_update(r for r, _ in caps)
             return out[len(caps) : len(todo)]

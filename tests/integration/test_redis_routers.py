@@ -50,6 +50,18 @@ def two_routers(
         yield a, b
 
 
+def _matched_via(url: str, prompt: str, within_s: float = 5.0) -> int:
+    """Poll a router's /debug/route (a dry run) until it credits some replica with the prompt's prefix."""
+    body = {"model": "sim-model", "prompt": prompt, "max_tokens": 2}
+    t_end = time.monotonic() + within_s
+    while True:
+        plan = httpx.post(url + "/debug/route", json=body, timeout=10).json()
+        best = max((r["matched_tokens"] for r in plan["replicas"]), default=0)
+        if best > 0 or time.monotonic() > t_end:
+            return int(best)
+        time.sleep(0.05)
+
+
 def _complete(url: str, prompt: str) -> httpx.Response:
     body = {"model": "sim-model", "prompt": prompt, "max_tokens": 2}
     return httpx.post(url + "/v1/completions", json=body, timeout=20)
@@ -58,32 +70,32 @@ def _complete(url: str, prompt: str) -> httpx.Response:
 async def _load(
     urls: list[str], n: int, concurrency: int, stop: threading.Event | None = None, seed: int = 1
 ) -> tuple[Counter[str], int, int, int]:
-    """n requests over the routers, prompts from GROUPS with a unique tail.
-    Returns (requests per backend, failed, cached tokens, prompt tokens)."""
+    """Up to n requests (fewer if ``stop`` is set) over the routers, prompts from GROUPS with a
+    unique tail. Returns (requests per backend, failed, cached tokens, prompt tokens)."""
     rng = random.Random(seed)
     per_backend: Counter[str] = Counter()
-    failed = cached = prompt = 0
-    sem = asyncio.Semaphore(concurrency)
+    failed = cached = prompt = sent = 0
 
-    async def one(i: int, client: httpx.AsyncClient) -> None:
-        nonlocal failed, cached, prompt
-        async with sem:
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal failed, cached, prompt, sent
+        while sent < n and not (stop is not None and stop.is_set()):
+            i, sent = sent, sent + 1
             body = {"model": "sim-model", "prompt": rng.choice(GROUPS) + f"question {i}?", "max_tokens": 2}
             try:
                 r = await client.post(urls[i % len(urls)] + "/v1/completions", json=body, timeout=20)
             except httpx.HTTPError:
                 failed += 1
-                return
+                continue
             if r.status_code != 200:
                 failed += 1
-                return
+                continue
             per_backend[r.headers["x-cache-router-backend"]] += 1
             usage = r.json()["usage"]
             prompt += usage["prompt_tokens"]
             cached += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
 
     async with httpx.AsyncClient() as client:
-        await asyncio.gather(*(one(i, client) for i in range(n)))
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     return per_backend, failed, cached, prompt
 
 
@@ -100,7 +112,8 @@ def test_a_prefix_routed_by_one_router_is_found_by_the_other(
         first = _complete(a.url, GROUPS[0] + "What ships on Monday?")
         assert first.status_code == 200, first.text
         holder = first.headers["x-cache-router-backend"]
-        time.sleep(0.2)  # router A records after dispatch, off the request path
+        # router A records after dispatch, off the request path; B can only learn it from Redis
+        assert _matched_via(b.url, GROUPS[0] + "And on Tuesday?") >= 16 * 8
         second = _complete(b.url, GROUPS[0] + "And on Tuesday?")
         assert second.headers["x-cache-router-backend"] == holder
         # B never saw the prefix: it can only know from Redis
@@ -112,7 +125,7 @@ def test_a_new_router_on_a_warm_redis_routes_warm_from_its_first_request(
 ) -> None:
     with _router(fleet, redis_server.url, namespace) as a:
         holder = _complete(a.url, GROUPS[1] + "Opening hours?").headers["x-cache-router-backend"]
-        time.sleep(0.2)
+        assert _matched_via(a.url, GROUPS[1] + "Closing hours?") > 0  # A's record landed in Redis
     with _router(fleet, redis_server.url, namespace) as fresh:
         r = _complete(fresh.url, GROUPS[1] + "Closing hours?")
         assert r.headers["x-cache-router-backend"] == holder
@@ -144,9 +157,10 @@ def test_redis_faults_during_load_fail_no_request(fleet: SimFleet, namespace: st
             urls = [a.url, b.url]
             asyncio.run(_load(urls, n=40, concurrency=8, seed=2))  # warm
             result: dict[str, Any] = {}
+            stop = threading.Event()
 
-            def load() -> None:
-                result["out"] = asyncio.run(_load(urls, n=200, concurrency=8, seed=3))
+            def load() -> None:  # runs until the fault is over, bounded by 3000 requests
+                result["out"] = asyncio.run(_load(urls, n=3000, concurrency=8, stop=stop, seed=3))
 
             worker = threading.Thread(target=load, name="load")
             worker.start()
@@ -161,19 +175,24 @@ def test_redis_faults_during_load_fail_no_request(fleet: SimFleet, namespace: st
                 server.resume()
             else:
                 server.restart()
+            time.sleep(0.5)  # and a little load after it
             # the fault happened while the load was running (else this test proves nothing)
             assert worker.is_alive(), "load ended before the fault: raise n"
+            stop.set()
             worker.join(60)
             assert not worker.is_alive()
-            _, failed, _, _ = result["out"]
-            print(f"\nredis {fault} during 200 requests through two routers: failed {failed}")
+            per_backend, failed, _, _ = result["out"]
+            print(
+                f"\nredis {fault} during load through two routers: sent {sum(per_backend.values()) + failed}, "
+                f"failed {failed}"
+            )
             assert failed == 0
             # routing recovers by itself: a new prefix through A is found by B
             t0 = time.monotonic()
             while True:
                 prompt = GROUPS[5] + f"recovery check {time.monotonic()}"
                 holder = _complete(a.url, prompt).headers["x-cache-router-backend"]
-                time.sleep(0.2)
+                _matched_via(b.url, prompt + " again", within_s=0.5)
                 r = _complete(b.url, prompt + " again")
                 if (
                     int(r.headers["x-cache-router-matched-tokens"]) > 0
