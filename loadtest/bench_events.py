@@ -139,8 +139,8 @@ class SpecPublisher:
 
 # ---- the benchmark ---------------------------------------------------------------------------
 
-def _publisher_process(endpoint: str, n_batches: int, rate: float, blocks: int, block_size: int,
-                       ready: Any, finished: Any) -> None:
+def _publisher_process(n_batches: int, rate: float, blocks: int, block_size: int,
+                       endpoint_out: Any, finished: Any) -> None:
     """A separate process, so the router's core is measured alone. Each batch: one BlockStored of
     ``blocks`` blocks continuing a chain, plus a BlockRemoved of the oldest blocks once 8192 are held
     (a cache at steady state). The send time rides in the first two token ids (µs, split in uint32s),
@@ -148,8 +148,8 @@ def _publisher_process(endpoint: str, n_batches: int, rate: float, blocks: int, 
     ctx = zmq.Context()
     pub = ctx.socket(zmq.XPUB)
     pub.setsockopt(zmq.SNDHWM, 0)
-    pub.bind(endpoint)
-    ready.set()
+    pub.bind("tcp://127.0.0.1:*")  # a port of its own choosing: no race with other processes for a free one
+    endpoint_out.put(pub.getsockopt_string(zmq.LAST_ENDPOINT))
     pub.recv_multipart()  # the router's subscription
     encode = msgspec.msgpack.encode
     held: deque[int] = deque()
@@ -195,8 +195,16 @@ async def _run(n_batches: int, rate: float, blocks: int, block_size: int) -> dic
     from router.index.memory import MemoryBlockIndex
     from router.types import BackendId
 
-    port = _free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
+    mp = multiprocessing.get_context("spawn")
+    endpoint_q, finished = mp.Queue(), mp.Event()
+    proc = mp.Process(target=_publisher_process, args=(n_batches, rate, blocks, block_size, endpoint_q, finished),
+                      daemon=True)
+    proc.start()
+    try:
+        endpoint = await asyncio.get_running_loop().run_in_executor(None, endpoint_q.get, True, 60)
+    except Exception as exc:
+        proc.kill()
+        raise RuntimeError("the publisher process did not start within 60 s") from exc
     url = "http://127.0.0.1:1"
     config = RouterConfig(block_size=block_size, backends=[BackendConfig(url=url, kv_events=endpoint)])
     backend = Backend(id=BackendId(url), url=url, base_model="sim-model", block_size=block_size)
@@ -208,12 +216,6 @@ async def _run(n_batches: int, rate: float, blocks: int, block_size: int) -> dic
         def get(self, rid: str) -> Backend | None:
             return backend if rid == url else None
 
-    mp = multiprocessing.get_context("spawn")
-    ready, finished = mp.Event(), mp.Event()
-    proc = mp.Process(target=_publisher_process,
-                      args=(endpoint, n_batches, rate, blocks, block_size, ready, finished))
-    proc.start()
-    await asyncio.get_running_loop().run_in_executor(None, ready.wait, 30)
     ingest = EventIngest(config, MemoryBlockIndex(), _Fleet())
     lags: list[float] = []
     marks: dict[str, float] = {}
@@ -234,7 +236,8 @@ async def _run(n_batches: int, rate: float, blocks: int, block_size: int) -> dic
     applier.observers.append(observe)
     deadline = time.monotonic() + 120
     # polling a counter another task advances; an Event would cost the hot path a call per batch
-    while (applier.state.expected or 0) < n_batches and time.monotonic() < deadline:  # noqa: ASYNC110
+    while (applier.state.expected or 0) < n_batches and time.monotonic() < deadline \
+            and proc.is_alive():  # noqa: ASYNC110
         await asyncio.sleep(0.01)
     finished.set()
     wall = marks.get("last", 0.0) - marks.get("first", 0.0)
@@ -251,14 +254,6 @@ async def _run(n_batches: int, rate: float, blocks: int, block_size: int) -> dic
         "lag_p50_ms": 1000 * lags[len(lags) // 2] if lags else float("nan"),
         "lag_p99_ms": 1000 * lags[int(len(lags) * 0.99)] if lags else float("nan"),
     }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main(argv: list[str] | None = None) -> int:
