@@ -40,7 +40,7 @@ cheaper: repeated chunks hit the tokenizer's segment cache (router.hashing.segme
 Python part holds the GIL, so a thread adds a hand-off and can stall the event loop for a
 GIL switch interval (5 ms). Uncached, the sim tokenizer takes ~0.3 µs per character, so the
 longest inline call is ~10 ms; measured here with a threshold of 8k characters, the thread
-hand-offs showed up as the top cost in a profile of 2k-token requests."""
+hand-offs were among the top costs in a profile of 2k-token requests."""
 
 _render_s = STAGE_SECONDS.labels("render")
 _tokenize_s = STAGE_SECONDS.labels("tokenize")
