@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from router.config import RouterConfig
+from router.fleet.registry import Fleet
 from router.index.base import BlockIndex, IndexUnavailable
 from router.logs import log_decision
 from router.metrics import (
@@ -61,7 +62,7 @@ def _series(model: str, arm: str) -> _Series:
 
 
 class Feedback:
-    def __init__(self, config: RouterConfig, index: BlockIndex, fleet: Any) -> None:
+    def __init__(self, config: RouterConfig, index: BlockIndex, fleet: Fleet) -> None:
         self.config = config
         self.index = index
         self.fleet = fleet

@@ -25,6 +25,7 @@ from router.admission import AdmissionQueue
 from router.config import RouterConfig
 from router.errors import NoHealthyBackend, NotFound, RouterError, UpstreamTimeout
 from router.feedback import Feedback
+from router.fleet.registry import Fleet
 from router.index.base import BlockIndex, IndexUnavailable
 from router.logs import log_decision
 from router.metrics import (
@@ -38,6 +39,7 @@ from router.proxy.forward import Forwarder, Opened
 from router.proxy.sse import SseTap, error_event, usage_of_body
 from router.request.model import RoutingRequest
 from router.request.prompt import EncodedPrompt, PromptEncoder
+from router.scheduling import Scheduler
 from router.scheduling.filters import Saturated
 from router.scheduling.model import Candidate, Decision, RouteRequest
 from router.tenancy import Tenancy
@@ -77,7 +79,7 @@ class Routed:
 
 
 class Pipeline:
-    def __init__(self, config: RouterConfig, index: BlockIndex, fleet: Any, scheduler: Any,
+    def __init__(self, config: RouterConfig, index: BlockIndex, fleet: Fleet, scheduler: Scheduler,
                  encoder: PromptEncoder, forwarder: Forwarder, rng: random.Random | None = None) -> None:
         self.config = config
         self.index = index

@@ -17,10 +17,10 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from router.config import RouterConfig
 from router.errors import UpstreamError, UpstreamTimeout
+from router.fleet.registry import Fleet
 from router.metrics import RETRIES
 from router.proxy.client import StreamBroken, TimedOut, UpstreamClient, UpstreamFailure, UpstreamResponse
 from router.types import BackendId
@@ -47,7 +47,7 @@ class Opened:
 
 
 class Forwarder:
-    def __init__(self, client: UpstreamClient, fleet: Any, config: RouterConfig) -> None:
+    def __init__(self, client: UpstreamClient, fleet: Fleet, config: RouterConfig) -> None:
         self.client = client
         self.fleet = fleet
         self.timeouts = config.timeouts
