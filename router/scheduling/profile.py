@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from router.scheduling.model import Candidate, RouteRequest
 from router.scheduling.scorers import SCORERS, Scorer
+from router.types import BackendId
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,7 @@ class Rotation:
 
     def __init__(self, rng: random.Random) -> None:
         self._turn = rng.randrange(1 << 30)
-        self._ids: list[str] = []
+        self._ids: list[BackendId] = []
         self._places: list[int] = []
 
     def keys(self, candidates: Sequence[Candidate]) -> list[int]:

@@ -65,10 +65,15 @@ class Engine:
             {"id": name, "object": "model", "parent": parent} for name, parent in self.models]})
 
 
+Engines = list[tuple[Engine, UvicornThread]]
+
+
 @pytest.fixture
-def engines() -> Iterator[list[tuple[Engine, UvicornThread]]]:
-    started: list[tuple[Engine, UvicornThread]] = []
-    for models in ([("sim-model", None), ("sql-lora", "sim-model")], [("sim-model", None)]):
+def engines() -> Iterator[Engines]:
+    started: Engines = []
+    served: list[list[tuple[str, str | None]]] = [[("sim-model", None), ("sql-lora", "sim-model")],
+                                                  [("sim-model", None)]]
+    for models in served:
         e = Engine(models)
         started.append((e, UvicornThread(e.app).start()))
     yield started
@@ -103,7 +108,7 @@ def gauge(metric: object, bid: str) -> float:
     return -1.0
 
 
-async def test_probe_all_makes_the_fleet_ready_with_models_load_and_capacity(engines) -> None:
+async def test_probe_all_makes_the_fleet_ready_with_models_load_and_capacity(engines: Engines) -> None:
     urls = [s.url for _, s in engines]
     fleet = Fleet(fast_config(urls))
     learned: list[tuple[str, int]] = []
@@ -129,7 +134,7 @@ async def test_probe_all_makes_the_fleet_ready_with_models_load_and_capacity(eng
     assert gauge(metrics.BACKEND_HEALTHY, urls[0]) == 1.0 and gauge(metrics.ENGINE_WAITING, urls[0]) == 2.0
 
 
-async def test_probe_all_after_start_waits_for_the_probes_already_running(engines) -> None:
+async def test_probe_all_after_start_waits_for_the_probes_already_running(engines: Engines) -> None:
     # The app's lifespan: start() (the prober fires at once), then probe_all() for readiness.
     (e0, s0), (e1, s1) = engines
     e0.health_delay = e1.health_delay = 0.2  # still answering when probe_all begins
@@ -144,7 +149,7 @@ async def test_probe_all_after_start_waits_for_the_probes_already_running(engine
         await fleet.stop()
 
 
-async def test_unhealthy_hanging_and_dead_replicas_leave_and_come_back(engines) -> None:
+async def test_unhealthy_hanging_and_dead_replicas_leave_and_come_back(engines: Engines) -> None:
     (e0, s0), (e1, s1) = engines
     fleet = Fleet(fast_config([s0.url, s1.url, f"http://127.0.0.1:{free_port()}"]))
     await fleet.start()
@@ -173,7 +178,7 @@ async def test_unhealthy_hanging_and_dead_replicas_leave_and_come_back(engines) 
                for t in asyncio.all_tasks())
 
 
-async def test_engine_restart_seen_when_counters_go_back(engines) -> None:
+async def test_engine_restart_seen_when_counters_go_back(engines: Engines) -> None:
     (e0, s0), _ = engines
     fleet = Fleet(fast_config([s0.url]))
     restarts: list[str] = []
@@ -203,13 +208,12 @@ async def test_engine_restart_seen_when_counters_go_back(engines) -> None:
         await fleet.stop()
 
 
-async def test_stale_engine_metrics_are_dropped_from_candidates(engines) -> None:
+async def test_stale_engine_metrics_are_dropped_from_candidates(engines: Engines) -> None:
     (e0, s0), _ = engines
     fleet = Fleet(fast_config([s0.url]))
     await fleet.start()
     try:
-        await until(lambda: (fleet.candidates("sim-model", {}) or [None])[0] is not None
-                    and fleet.candidates("sim-model", {})[0].waiting == 2.0)
+        await until(lambda: [c.waiting for c in fleet.candidates("sim-model", {})] == [2.0])
         e0.waiting = 9.0
         await until(lambda: fleet.candidates("sim-model", {})[0].waiting == 9.0)
         e0.metrics_ok = False
@@ -221,7 +225,7 @@ async def test_stale_engine_metrics_are_dropped_from_candidates(engines) -> None
         await fleet.stop()
 
 
-async def test_in_flight_and_circuit_breaker(engines) -> None:
+async def test_in_flight_and_circuit_breaker(engines: Engines) -> None:
     (_, s0), (_, s1) = engines
     fleet = Fleet(fast_config([s0.url, s1.url]))
     await fleet.probe_all()
@@ -248,7 +252,7 @@ async def test_in_flight_and_circuit_breaker(engines) -> None:
     fleet.release(BackendId("http://gone:1"), ok=False)  # unknown replica: ignored
 
 
-async def test_add_remove_and_configured_models(engines) -> None:
+async def test_add_remove_and_configured_models(engines: Engines) -> None:
     (e0, s0), (e1, s1) = engines
     fleet = Fleet(fast_config([s0.url], models=["sim-model"]))
     removed: list[str] = []
@@ -275,7 +279,7 @@ async def test_add_remove_and_configured_models(engines) -> None:
 
 
 
-async def test_stop_is_prompt_right_after_a_models_wakeup(engines) -> None:
+async def test_stop_is_prompt_right_after_a_models_wakeup(engines: Engines) -> None:
     # Regression: asyncio.wait_for swallowed the cancel when the wake-up event was set at
     # the same moment, and stop() waited forever for the models task.
     (_, s0), _ = engines
