@@ -125,6 +125,8 @@ class ReplicaApplier:
     async def apply(self, msg: Message) -> None:
         st = self.state
         seq = msg.seq
+        if st.disabled is not None and st.disabled != "block_size":
+            return  # refused by the self-check: this replica's events are not used
         if st.expected is not None and seq < st.expected:
             if msg.batch.ts <= st.last_ts:
                 return  # a batch we already applied (live copy of a replayed one)
