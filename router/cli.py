@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -28,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--policy")
     serve.add_argument("--redis-url")
     serve.add_argument("--log-level")
+    serve.add_argument("--workers", type=int, help="router processes sharing the port (needs --redis-url to share the index)")
     check = sub.add_parser("check-config", help="validate a config file and print a summary")
     check.add_argument("file")
     sub.add_parser("demo", help="start simulated engines and the router, compare against round robin",
@@ -39,6 +41,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     overrides: dict[str, Any] = {
         "host": args.host, "port": args.port, "tokenizer": args.tokenizer, "block_size": args.block_size,
         "policy": args.policy, "redis_url": args.redis_url, "log_level": args.log_level,
+        "workers": args.workers,
     }
     if args.backend:
         overrides["backends"] = [{"url": u} for u in args.backend]
@@ -63,16 +66,43 @@ def serve(config: RouterConfig) -> int:
 
     from router.app import create_app
 
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # httpx logs every request at INFO: one line per proxied request and probe is noise and cost.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    _setup_logging(config)
     # uvicorn re-raises SIGTERM once its graceful shutdown is done (exit status -15). A drained
     # shutdown is a success: a no-op handler here is what uvicorn restores and re-raises into.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(create_app(config), host=config.host, port=config.port, loop="uvloop", http="httptools",
-                log_level=config.log_level, lifespan="on", access_log=False,
-                timeout_graceful_shutdown=config.shutdown_timeout_s)
+    options: dict[str, Any] = {
+        "host": config.host, "port": config.port, "loop": "uvloop", "http": "httptools",
+        "log_level": config.log_level, "lifespan": "on", "access_log": False,
+        "timeout_graceful_shutdown": config.shutdown_timeout_s,
+    }
+    if config.workers > 1:
+        if config.redis_url is None:
+            logging.getLogger("cache_router.cli").warning(
+                "%d workers without redis_url: each keeps its own index, so hit rates drop", config.workers)
+        # Workers are spawned processes: they rebuild the validated config from the environment.
+        os.environ[_CONFIG_ENV] = config.model_dump_json()
+        uvicorn.run("router.cli:worker_app", factory=True, workers=config.workers, **options)
+        return 0
+    uvicorn.run(create_app(config), **options)
     return 0
+
+
+_CONFIG_ENV = "CACHE_ROUTER_WORKER_CONFIG"
+
+
+def _setup_logging(config: RouterConfig) -> None:
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # httpx logs every request at INFO: one line per proxied request and probe is noise and cost.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def worker_app() -> Any:
+    """The app of one worker process (``serve --workers N``), from the parent's config."""
+    from router.app import create_app
+
+    config = RouterConfig.model_validate_json(os.environ[_CONFIG_ENV])
+    _setup_logging(config)
+    return create_app(config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -212,6 +212,10 @@ class RouterConfig(_Section):
     """8 MiB holds a 128k-token prompt with room; larger bodies get 413."""
     log_level: str = "info"
     log_decisions: bool = True
+    workers: int = Field(default=1, ge=1, le=64)
+    """Router processes sharing the port (uvicorn workers). One is one core: each process has
+    its own event loop and in-process state, so more than one needs ``redis_url`` for a shared
+    index (a warning says so) and ``/metrics`` then shows the worker that answered the scrape."""
     shutdown_timeout_s: float = Field(default=30.0, ge=0)
     """On SIGTERM the router stops accepting and gives in-flight streams this long to finish, then
     cuts them and exits 0. Below the pod's terminationGracePeriodSeconds (chart 120 s, manifests 60 s)."""

@@ -6,6 +6,7 @@ import contextlib
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -25,22 +26,30 @@ class Proc:
         self.args = args
         self.env = dict(env) if env is not None else None
         self.popen: subprocess.Popen[bytes] | None = None
+        # stderr goes to a file, never a pipe: a chatty child (a log line per request)
+        # would fill an unread pipe and block mid-benchmark.
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
 
     def __enter__(self) -> Proc:
-        self.popen = subprocess.Popen(self.args, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.popen = subprocess.Popen(self.args, env=self.env, stdout=subprocess.DEVNULL, stderr=self._stderr)
         return self
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
     def stderr_tail(self) -> str:
-        if self.popen is None or self.popen.stderr is None or self.alive():
+        if self.popen is None or self.alive():
             return ""
-        return self.popen.stderr.read().decode(errors="replace")[-2000:]
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")[-2000:]
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         if self.popen is None:
             return
+        self._close()
+
+    def _close(self) -> None:
+        assert self.popen is not None
         if self.popen.poll() is None:
             self.popen.terminate()
             try:
@@ -48,6 +57,7 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+        self._stderr.close()
 
 
 def wait_http(url: str, *, proc: Proc | None = None, timeout: float = 30.0) -> None:

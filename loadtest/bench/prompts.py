@@ -27,14 +27,21 @@ def _words(n_tokens: int, seed: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(max(1, int(n_tokens / _TOKENS_PER_WORD))))
 
 
-def completion_body(n_tokens: int, *, model: str = "sim-model") -> str:
+def _options(max_tokens: int, stream: bool) -> dict[str, object]:
+    opts: dict[str, object] = {"max_tokens": max_tokens, "temperature": 0}
+    if stream:
+        opts["stream"] = True
+    return opts
+
+
+def completion_body(n_tokens: int, *, model: str = "sim-model", max_tokens: int = 1, stream: bool = False) -> str:
     prompt = _words(n_tokens - 20, seed=n_tokens) + " request __UNIQUE__ please answer briefly"
-    return json.dumps({"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0})
+    return json.dumps({"model": model, "prompt": prompt, **_options(max_tokens, stream)})
 
 
-def chat_body(n_tokens: int, *, model: str = "sim-model") -> str:
+def chat_body(n_tokens: int, *, model: str = "sim-model", max_tokens: int = 1, stream: bool = False) -> str:
     messages = [
         {"role": "system", "content": _words(n_tokens - 40, seed=n_tokens)},
         {"role": "user", "content": "question __UNIQUE__: what does the document say about the cache?"},
     ]
-    return json.dumps({"model": model, "messages": messages, "max_tokens": 1, "temperature": 0})
+    return json.dumps({"model": model, "messages": messages, **_options(max_tokens, stream)})

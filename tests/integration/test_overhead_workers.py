@@ -1,0 +1,69 @@
+"""``cache-router serve --workers N``: several processes on one port share the Redis index.
+
+A real ``serve`` process with two workers, a real redis-server and a simulated engine:
+requests on fresh connections land on both workers (told apart by the per-process
+request-id prefix), and a prefix recorded by one worker is matched by the other.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from loadtest.engine import SimFleet
+from tests.support.servers import RedisServer, free_port
+
+PROMPT = "the cache router sends every request to the replica that holds its prefix " * 20
+
+
+def test_two_workers_share_the_port_and_the_redis_index(redis_server: RedisServer, namespace: str,
+                                                        sim_model_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "router.yaml"
+    # a generous Redis deadline: on a loaded CI box a 5 ms miss would fail open to 0 matched
+    config.write_text(f"log_decisions: false\nindex:\n  namespace: {namespace}\n  deadline_ms: 500\n")
+    port = free_port()
+    with SimFleet(1) as fleet:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "router", "serve", "--config", str(config), "--port", str(port),
+             "--backend", fleet.urls[0], "--tokenizer", str(sim_model_dir), "--redis-url", redis_server.url,
+             "--workers", "2", "--log-level", "warning"],
+            env={**os.environ, "NO_PROXY": "*"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                try:
+                    if httpx.get(base + "/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "router did not become ready"
+                time.sleep(0.2)
+            body = {"model": "sim-model", "prompt": PROMPT, "max_tokens": 1}
+            assert httpx.post(base + "/v1/completions", json=body, timeout=10).status_code == 200
+            time.sleep(0.5)  # the index write is a background task of the worker that served it
+            matched: dict[str, list[int]] = {}
+            for _ in range(40):
+                # a new connection each time: the kernel hands it to either worker
+                r = httpx.post(base + "/v1/completions", json=body, timeout=10)
+                assert r.status_code == 200, r.text
+                worker = r.headers["x-request-id"].split("-")[0]
+                matched.setdefault(worker, []).append(int(r.headers["x-cache-router-matched-tokens"]))
+                # let both workers reach epoll again, so either may take the next connection
+                time.sleep(0.01)
+            assert len(matched) == 2, matched
+            # both workers see the prefix that one of them recorded
+            assert all(min(m) > 0 for m in matched.values()), matched
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
