@@ -167,13 +167,12 @@ class EventIngest:
 
     def _follow_precise(self, flags: Mapping[str, bool]) -> None:
         """Copy the ingester's verdicts into this router's Backends (it routes with them)."""
-        for cfg in self.config.backends:
-            if cfg.kv_events is None and cfg.kv_topic is None:
+        for backend in self.fleet.backends():
+            cfg = self._config_for(backend.id)
+            if cfg is None or (cfg.kv_events is None and cfg.kv_topic is None):
                 continue
-            backend = self.fleet.get(cfg.url)
-            if backend is not None:
-                backend.precise = flags.get(cfg.url, False)
-                metrics.PRECISE_MODE.labels(cfg.url).set(1 if backend.precise else 0)
+            backend.precise = flags.get(backend.id, False)
+            metrics.PRECISE_MODE.labels(backend.id).set(1 if backend.precise else 0)
 
     def add_backend(self, cfg: BackendConfig, backend: Backend | None = None) -> bool:
         """Start ingesting one replica's events (no-op without an events endpoint); True if started."""
@@ -326,6 +325,13 @@ class EventIngest:
                         "this kv_topic", topic[:64])
 
     def _config_for(self, rid: BackendId) -> BackendConfig | None:
+        # The fleet's own entry first: discovery adds replicas (with their event endpoints) that
+        # the config file never listed.
+        replica = getattr(self.fleet, "replica", None)
+        entry = replica(rid) if replica is not None else None
+        cfg_of = getattr(entry, "cfg", None)
+        if isinstance(cfg_of, BackendConfig):
+            return cfg_of
         for cfg in self.config.backends:
             if cfg.url == rid:
                 return cfg

@@ -431,3 +431,30 @@ async def test_bootstrap_from_replay_before_any_live_event() -> None:
         await idle.close()
         await busy.close()
         ctx.term()
+
+
+async def test_replica_added_to_the_fleet_later_is_followed() -> None:
+    """Discovery adds replicas (with event endpoints) that the config file never listed."""
+    from router.fleet.registry import Fleet
+
+    ctx = zmq.asyncio.Context()
+    pub = SpecPublisher(ctx, f"tcp://127.0.0.1:{free_port()}", replay_endpoint=f"tcp://127.0.0.1:{free_port()}")
+    config = RouterConfig(index={"selfcheck": False})
+    fleet = Fleet(config)
+    index = MemoryBlockIndex()
+    ingest = EventIngest(config, index, fleet)
+    await ingest.start()
+    try:
+        added = fleet.add(BackendConfig(url=URL_A, kv_events=pub.endpoint, kv_replay=pub.replay_endpoint))
+        added.base_model = MODEL  # what the fleet learns from /v1/models; no HTTP server here
+        await pub.wait_subscribed()
+        toks = tokens(2, 300)
+        await pub.publish([pub.stored([pub.block_hash(0), pub.block_hash(1)], None, toks)])
+        await until(lambda: index.lookup_now(prompt_keys(toks, BS, MODEL)) == {URL_A: 2})
+        await fleet.remove(BackendId(URL_A))
+        await until(lambda: ingest.applier(BackendId(URL_A)) is None)  # and stopped when it leaves
+    finally:
+        await ingest.stop()
+        await fleet.stop()
+        await pub.close()
+        ctx.term()
