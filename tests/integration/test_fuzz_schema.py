@@ -58,7 +58,7 @@ def test_every_operation_conforms_to_the_router_openapi_document(router_url: str
         def run(case: Any) -> None:
             response = case.call(base_url=router_url, session=session, timeout=15)
             seen[response.status_code] += 1
-            assert response.status_code < 500, (op.label, case.body, response.status_code, response.text[:300])
+            assert response.status_code < 500, (case.operation.label, case.body, response.status_code, response.text[:300])
             # Schema-valid is not always servable (token ids past the vocabulary, a model nobody
             # serves, a prompt past the context): that check alone is left out.
             case.validate_response(response, excluded_checks=[positive_data_acceptance])
