@@ -8,10 +8,10 @@ The decision rule
 2. **Load band** (``load``): load = requests in flight (all router replicas) + the engine's
    waiting queue when freshly scraped. Only replicas with
    ``load <= min_load + load_band + load_band_ratio * min_load`` stay in the running.
-3. **Scorers** (``scorers``), each in [0, 1]: prefix (matched / cacheable blocks), load,
-   queue, kv_usage; the **profile** (``profile``) clamps, weights them from
-   ``SchedulingConfig.weights``, sums, and equal replicas take turns (from a random start).
-   The best in the band wins.
+3. **Scorers** (``scorers``), each in [0, 1]: prefix (matched / cacheable blocks), load
+   (in flight, relative to the others, on the scale of the band's width), queue, kv_usage;
+   the **profile** (``profile``) clamps, weights them from ``SchedulingConfig.weights``,
+   sums, and equal replicas take turns (from a random start). The best in the band wins.
 4. The decision says why: ``affinity`` (the pick holds the most matched blocks of any
    eligible replica), ``load`` (a replica with more was outside the band or outscored),
    ``fallback`` (nothing matched, or the index was unavailable: then the band is ordered

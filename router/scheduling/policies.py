@@ -18,6 +18,7 @@ from router.scheduling import rendezvous
 from router.scheduling.load import in_band, load_of
 from router.scheduling.model import Candidate, Decision, RouteRequest
 from router.scheduling.profile import Profile, Rotation
+from router.scheduling.scorers import scorers_for
 from router.types import BackendId
 
 
@@ -75,7 +76,7 @@ class CacheAware:
 
     def __init__(self, config: SchedulingConfig, rng: random.Random) -> None:
         self.config = config
-        self.profile = Profile(config.weights)
+        self.profile = Profile(config.weights, scorers_for(config))
         self._ties = Rotation(rng)
         self._rest_ties = Rotation(rng)  # ordering retry targets must not skip anyone's turn
 

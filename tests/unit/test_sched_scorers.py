@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from router.config import SchedulingConfig
 from router.scheduling.model import Candidate, RouteRequest
 from router.scheduling.profile import Profile, Rotation, clamp
-from router.scheduling.scorers import NEUTRAL, SCORERS, kv_usage, load, prefix, queue
+from router.scheduling.scorers import NEUTRAL, SCORERS, BandLoad, kv_usage, load, prefix, queue, scorers_for
 from router.types import BackendId, BlockKey
 
 
@@ -42,7 +43,7 @@ candidate_st = st.builds(
 def test_every_scorer_stays_in_unit_interval(raw: list[tuple[int, int, float | None, float | None]], cacheable: int) -> None:
     cands = [cand(i, matched_blocks=m, in_flight=f, waiting=w, kv_usage=kv) for i, (m, f, w, kv) in enumerate(raw)]
     r = req(cacheable)
-    for name, scorer in SCORERS.items():
+    for name, scorer in [*SCORERS.items(), ("band_load", scorers_for(SchedulingConfig())["load"])]:
         scores = scorer(r, cands)
         assert len(scores) == len(cands), name
         assert all(0.0 <= s <= 1.0 for s in scores), (name, scores)
@@ -62,6 +63,15 @@ def test_load_and_queue_prefer_the_less_loaded() -> None:
     assert load(req(), cands) == [0.0, 1.0, 0.5]
     assert queue(req(), cands) == [0.0, 1.0, NEUTRAL]  # stale scrape: neutral, not a penalty
     assert queue(req(), [cand(0, waiting=None), cand(1, waiting=None)]) == [1.0, 1.0]
+
+
+def test_band_load_weighs_a_difference_against_the_band_width() -> None:
+    band = BandLoad(load_band=2.0, load_band_ratio=0.25)
+    # one request apart at load 10: a tenth-ish of the scale (2 + 2.5), not all of it
+    assert band(req(), [cand(0, in_flight=10), cand(1, in_flight=11)]) == pytest.approx([1 / 4.5, 0.0])
+    # far apart: plain min-max
+    assert band(req(), [cand(0, in_flight=0), cand(1, in_flight=20)]) == [1.0, 0.0]
+    assert BandLoad(0.0, 0.0)(req(), [cand(0), cand(1)]) == [1.0, 1.0]
 
 
 def test_kv_usage_prefers_free_cache() -> None:

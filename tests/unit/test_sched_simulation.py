@@ -12,8 +12,8 @@ discrete-event model of an engine fleet, deterministic from a seed:
   engine queue, as the Fleet would give them.
 
 Workloads: zero reuse, one hot prefix most traffic shares, shared-prefix groups, churn
-(prefixes twice what the caches hold), short chats mixed with long shared documents, and
-multi-turn sessions. The figures are printed
+(prefixes twice what the caches hold), short chats mixed with long shared documents,
+groups that share only the first half of their prompts, and multi-turn sessions. The figures are printed
 (``pytest -s``) so a tuning change shows its effect.
 """
 
@@ -136,6 +136,7 @@ def workload(name: str, rate: float, seed: int) -> list[Req]:
     groups = [_unique(rng, 100) for _ in range(12)]  # 12 x 1.6k tokens: more than one replica holds
     churn = [_unique(rng, 100) for _ in range(60)]
     docs = [_unique(rng, 250) for _ in range(6)]  # 4k-token documents
+    halves = [_unique(rng, 50) for _ in range(8)]
     sessions: dict[int, list[int]] = {}
     for _ in range(N_REQUESTS):
         t += rng.expovariate(rate)
@@ -150,6 +151,8 @@ def workload(name: str, rate: float, seed: int) -> list[Req]:
             keys = _chain(churn[rng.randrange(len(churn))], rng, 8)
         elif name == "mixed":  # short unique chats beside long shared documents: counts lie about work
             keys = _chain([], rng, 6) if rng.random() < 0.6 else _chain(docs[rng.randrange(len(docs))], rng, 4)
+        elif name == "partial":  # 8 groups share the first half of their prompts only
+            keys = _chain(halves[rng.randrange(len(halves))], rng, 50)
         elif name == "multi_turn":
             sid = rng.randrange(40)
             history = sessions.setdefault(sid, _unique(rng, 40))
@@ -172,7 +175,7 @@ def _capacity_rps(mean_tokens: float) -> float:
 # Load is relative to what the fleet sustains with no cache hits, so workloads with much
 # reuse need a higher figure to be loaded at all (hot_prefix hits 75% of its tokens).
 CASES = [("zero_reuse", 0.6), ("zero_reuse", 0.9), ("hot_prefix", 1.3), ("groups", 0.9), ("churn", 0.9),
-         ("mixed", 0.9), ("multi_turn", 0.6), ("multi_turn", 0.9)]
+         ("mixed", 0.9), ("partial", 0.95), ("multi_turn", 0.6), ("multi_turn", 0.9)]
 
 
 def _runs(name: str, rho: float) -> Iterator[tuple[str, float, float]]:
