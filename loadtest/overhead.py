@@ -37,7 +37,7 @@ from pathlib import Path
 
 from loadtest.bench import targets as tg
 from loadtest.bench.probe import HealthProbe, ProbeStats
-from loadtest.bench.procs import free_port, install_debian
+from loadtest.bench.procs import free_port, install_debian, tree_cpu_seconds
 from loadtest.bench.prompts import chat_body, completion_body
 from loadtest.bench.wrk import Cell, run_wrk
 
@@ -60,6 +60,8 @@ class Result:
     cell: Cell
     health: ProbeStats | None = None
     runs: list[Cell] = field(default_factory=list)
+    cpu_us: float | None = None
+    """CPU time the target's processes spent per answered request (median of the runs)."""
 
 
 def machine() -> str:
@@ -89,30 +91,41 @@ def _workers(target: str) -> tuple[str, int]:
     return name, int(n or 1)
 
 
+Started = tuple[str, int | None]
+"""A target's URL, and the pid whose process tree is the target (for its CPU time)."""
+
+
 def _start(stack: contextlib.ExitStack, target: str, backend: str, proxy: str, args: argparse.Namespace,
-           tmp: Path) -> str | None:
-    """Start ``target`` in front of ``backend``; its URL, or None when it is not available."""
+           tmp: Path) -> Started | None:
+    """Start ``target`` in front of ``backend``; None when it is not available."""
     name, workers = _workers(target)
     extra = [*args.router_arg, *(["--workers", str(workers)] if workers > 1 else [])]
     if name == "direct":
-        return backend
+        return backend, None
     if name == "nginx":
-        return proxy
+        return proxy, None
     if name == "cache-router":
-        return stack.enter_context(tg.router_proc(backend, *extra, tmp=tmp))[0]
+        url, p = stack.enter_context(tg.router_proc(backend, *extra, tmp=tmp))
+        return url, p.pid
     if name == "cache-router-redis":
         redis_url = stack.enter_context(tg.redis_proc())
-        return stack.enter_context(tg.router_proc(backend, "--redis-url", redis_url, *extra, tmp=tmp))[0]
+        url, p = stack.enter_context(tg.router_proc(backend, "--redis-url", redis_url, *extra, tmp=tmp))
+        return url, p.pid
     if name == "sglang-router":
-        return stack.enter_context(tg.sglang_proc(backend))
+        started = stack.enter_context(tg.sglang_proc(backend))
+        return None if started is None else (started[0], started[1].pid)
     raise SystemExit(f"unknown target {target!r}")
 
 
-def _probed_run(url: str, path: str, body: Path, args: argparse.Namespace) -> tuple[Cell, ProbeStats]:
-    """One wrk run with the /health probe loop beside it."""
+def _probed_run(started: Started, path: str, body: Path, args: argparse.Namespace) -> tuple[Cell, ProbeStats, float | None]:
+    """One wrk run with the /health probe loop beside it; and the target's CPU µs per request."""
+    url, pid = started
+    cpu0 = tree_cpu_seconds(pid) if pid is not None else None
     with HealthProbe(url + "/health") as probe:
         cell = run_wrk(url, path, body, connections=args.connections, duration=args.duration, threads=args.threads)
-    return cell, probe.stats()
+    cpu1 = tree_cpu_seconds(pid) if pid is not None else None
+    cpu_us = (cpu1 - cpu0) * 1e6 / cell.requests if cpu0 is not None and cpu1 is not None and cell.requests else None
+    return cell, probe.stats(), cpu_us
 
 
 def _measure(rows: list[Row], targets: list[str], backend: str, proxy: str, args: argparse.Namespace,
@@ -124,21 +137,23 @@ def _measure(rows: list[Row], targets: list[str], backend: str, proxy: str, args
             body = tmp / f"row{i}.json"
             body.write_text(row.body)
 
-            for url in urls.values():  # warm-up: pools, tokenizer caches, first-request costs
+            for url, _ in urls.values():  # warm-up: pools, tokenizer caches, first-request costs
                 run_wrk(url, row.path, body, connections=args.connections, duration=1, threads=args.threads)
-            runs: dict[str, list[tuple[Cell, ProbeStats]]] = {t: [] for t in urls}
+            runs: dict[str, list[tuple[Cell, ProbeStats, float | None]]] = {t: [] for t in urls}
             for _ in range(args.repeats):
-                for t, url in urls.items():
-                    runs[t].append(_probed_run(url, row.path, body, args))
+                for t, started in urls.items():
+                    runs[t].append(_probed_run(started, row.path, body, args))
             for t, rs in runs.items():
-                cells = [c for c, _ in rs]
+                cells = [c for c, _, _ in rs]
+                cpus = [u for _, _, u in rs if u is not None]
                 med = Cell(statistics.median(c.rps for c in cells), statistics.median(c.p50_ms for c in cells),
                            statistics.median(c.p99_ms for c in cells), sum(c.errors for c in cells),
                            sum(c.requests for c in cells))
-                health = max((h for _, h in rs), key=lambda h: h.p99_ms if not math.isnan(h.p99_ms) else -1)
-                out[row.label][t] = Result(med, health, cells)
+                health = max((h for _, h, _ in rs), key=lambda h: h.p99_ms if not math.isnan(h.p99_ms) else -1)
+                out[row.label][t] = Result(med, health, cells, statistics.median(cpus) if cpus else None)
                 print(f"  {row.label:32} {t:22} {med.rps:9,.0f} req/s  p50 {med.p50_ms:7.2f} ms  "
-                      f"p99 {med.p99_ms:7.2f} ms  /health p99 {health.p99_ms:6.1f} ms", flush=True)
+                      f"p99 {med.p99_ms:7.2f} ms  /health p99 {health.p99_ms:6.1f} ms"
+                      + (f"  CPU {statistics.median(cpus):6.0f} us/req" if cpus else ""), flush=True)
     return out
 
 
@@ -221,6 +236,14 @@ def print_table(results: dict[str, dict[str, Result]], targets: list[str], args:
         first, direct = (cells.get(routers[0]) if routers else None), cells.get("direct")
         added = f"{first.cell.p50_ms - direct.cell.p50_ms:.2f}" if first and direct else "n/a"
         print(f"| {label} | " + " | ".join(parts) + " | " + " | ".join(ratios) + f" | {added} |")
+    print("\nCPU time of the target's processes per answered request (µs; what it costs, whatever share "
+          "of the cores it got):\n")
+    measured = [t for t in targets if any(c.get(t) and c[t].cpu_us for c in results.values())]
+    print("| prompt | " + " | ".join(measured) + " |")
+    print("|" + "---|" * (len(measured) + 1))
+    for label, cells in results.items():
+        print(f"| {label} | " + " | ".join(f"{cells[t].cpu_us:,.0f}" if t in cells and cells[t].cpu_us else "n/a"
+                                          for t in measured) + " |")
     print("\n/health under that load (a new connection every 20 ms; worst p99 of the repeats, ms):\n")
     print("| prompt | " + " | ".join(targets) + " |")
     print("|" + "---|" * (len(targets) + 1))

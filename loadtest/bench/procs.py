@@ -34,6 +34,11 @@ class Proc:
         self.popen = subprocess.Popen(self.args, env=self.env, stdout=subprocess.DEVNULL, stderr=self._stderr)
         return self
 
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None, "not started"
+        return self.popen.pid
+
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
@@ -58,6 +63,27 @@ class Proc:
                 self.popen.kill()
                 self.popen.wait()
         self._stderr.close()
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds (user + system) used so far by a process and its children; None without psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue  # a worker that just exited
+        total += t.user + t.system
+    return total
 
 
 def wait_http(url: str, *, proc: Proc | None = None, timeout: float = 30.0) -> None:

@@ -23,9 +23,11 @@ SGLANG_VENV = ROOT / ".venv-bench"
 REPLY = json.dumps({
     "id": "cmpl-bench", "object": "text_completion", "created": 0, "model": "sim-model",
     "choices": [{"index": 0, "text": " ok", "finish_reason": "length", "logprobs": None}],
-    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2,
-              "prompt_tokens_details": {"cached_tokens": 0}},
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
 })
+"""No ``prompt_tokens_details``, as from an engine without ``--enable-prompt-tokens-details``:
+a fixed ``cached_tokens: 0`` would make every request a stale hit for cache-router (drop the
+prompt's keys, record them again), work that a caching engine never causes."""
 MODELS = json.dumps({"object": "list", "data": [{"id": "sim-model", "object": "model", "owned_by": "bench"}]})
 
 ROUTER_CONFIG = "log_decisions: false\n"
@@ -96,7 +98,7 @@ def router_proc(backend: str, *extra: str, tmp: Path) -> Iterator[tuple[str, Pro
 
 
 @contextmanager
-def sglang_proc(backend: str) -> Iterator[str | None]:
+def sglang_proc(backend: str) -> Iterator[tuple[str, Proc] | None]:
     """sglang-router (``cache_aware``) from ``.venv-bench``, given the project's tokenizer
     directory (it cannot download one here); None when it is not installed."""
     exe = SGLANG_VENV / "bin" / "python"
@@ -109,7 +111,7 @@ def sglang_proc(backend: str) -> Iterator[str | None]:
             "--log-level", "warn", "--prometheus-port", str(free_port())]
     with Proc(args) as p:
         wait_http(f"http://127.0.0.1:{port}/health", proc=p, timeout=60)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", p
 
 
 @contextmanager

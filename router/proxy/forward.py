@@ -21,9 +21,12 @@ from dataclasses import dataclass
 from router.config import RouterConfig
 from router.errors import UpstreamError, UpstreamTimeout
 from router.fleet.registry import Fleet
-from router.metrics import RETRIES
+from router.metrics import RETRIES, STAGE_SECONDS
 from router.proxy.client import StreamBroken, TimedOut, UpstreamClient, UpstreamFailure, UpstreamResponse
 from router.types import BackendId
+
+_connect_stage = STAGE_SECONDS.labels("proxy_connect")
+"""Pool wait, connect (or reuse), request sent, until the replica's status line and headers."""
 
 
 class _BadStatus(UpstreamFailure):
@@ -92,7 +95,9 @@ class Forwarder:
         committed = False
         try:
             async with asyncio.timeout(budget):
+                t0 = time.perf_counter()
                 resp = await self.client.open(backend + path, body, headers)
+                _connect_stage.observe(time.perf_counter() - t0)
                 if resp.status >= 500:
                     raise _BadStatus(f"{backend} answered {resp.status}")
                 chunks = resp.chunks()
