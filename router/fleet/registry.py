@@ -138,17 +138,15 @@ class Fleet:
         stale_before = now - self.config.scheduling.metrics_staleness_s
         cap = self.config.admission.max_concurrency_per_backend
         out: list[Candidate] = []
-        for r in self._replicas.values():
+        for r in self._replicas.values():  # per request: positional construction, no helpers
             b = r.backend
             if model not in b.models:
                 continue
-            fresh = b.load.scraped_at > 0 and b.load.scraped_at >= stale_before and r.sample is not None
-            s = r.sample if fresh else None
+            s = r.sample if b.load.scraped_at >= stale_before and b.load.scraped_at > 0 else None
             out.append(Candidate(
-                id=b.id, matched_blocks=matched.get(b.id, 0), in_flight=b.in_flight + b.shared_in_flight,
-                waiting=s.waiting if s else None, running=s.running if s else None,
-                kv_usage=s.kv_usage if s else None, healthy=b.healthy,
-                circuit_open=not r.breaker.allows(now), draining=b.draining, max_concurrency=cap,
+                b.id, matched.get(b.id, 0), b.in_flight + b.shared_in_flight,
+                s.waiting if s else None, s.running if s else None, s.kv_usage if s else None,
+                b.healthy, not r.breaker.allows(now), b.draining, True, cap,
             ))
         return out
 
