@@ -5,6 +5,10 @@
     half-open --(trial succeeds)--> closed
     half-open --(trial fails)--> open again, cooldown restarts
 
+A trial is an ordinary request and may stream for minutes; a trial still running after
+another cooldown lets one more through, so one long answer cannot keep a recovered replica
+out of rotation.
+
 Passive: fed by request outcomes (``Fleet.release``), independent of the active health
 probe, which catches a replica that answers /health but fails real requests.
 """
@@ -29,6 +33,7 @@ class CircuitBreaker:
     _failures: int = 0
     _opened_at: float = 0.0
     _trial_in_flight: bool = False
+    _trial_at: float = 0.0
 
     def state(self, now: float) -> BreakerState:
         if self._state is BreakerState.OPEN and now - self._opened_at >= self.cooldown_s:
@@ -43,11 +48,13 @@ class CircuitBreaker:
         state = self.state(now)
         if state is BreakerState.CLOSED:
             return True
-        return state is BreakerState.HALF_OPEN and not self._trial_in_flight
+        return state is BreakerState.HALF_OPEN and (
+            not self._trial_in_flight or now - self._trial_at >= self.cooldown_s
+        )
 
     def on_dispatch(self, now: float) -> None:
         if self.state(now) is BreakerState.HALF_OPEN:
-            self._trial_in_flight = True
+            self._trial_in_flight, self._trial_at = True, now
 
     def record(self, ok: bool, now: float) -> None:
         state = self.state(now)

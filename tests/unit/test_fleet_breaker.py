@@ -25,6 +25,7 @@ def test_half_open_lets_one_trial_then_closes_or_reopens() -> None:
     assert b.state(15.0) is BreakerState.HALF_OPEN and b.allows(15.0)
     b.on_dispatch(15.0)
     assert not b.allows(15.1)  # one trial at a time
+    assert b.allows(20.0)  # ... unless it has run a whole cooldown (a long stream)
     b.record(False, now=16.0)  # trial failed: open again, cooldown restarts
     assert b.state(20.9) is BreakerState.OPEN
     assert b.state(21.0) is BreakerState.HALF_OPEN
