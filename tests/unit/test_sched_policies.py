@@ -193,3 +193,26 @@ def test_no_backend_errors_say_down_or_full() -> None:
         sched.decide(req(), [cand(0)], policy="nope")
     with pytest.raises(ValueError):
         Scheduler(CFG, "nope", random.Random(0))
+
+
+def test_a_hot_prefix_spreads_and_each_spill_becomes_a_holder() -> None:
+    """One prefix, a burst of requests, nothing finishing: as the index records each dispatch
+    (approximate mode), the holder keeps the prefix until it leaves the band, then the least
+    loaded replica takes one and becomes a second holder, and so on: every replica ends up
+    holding it and loads never differ by more than the band."""
+    sched = Scheduler(CFG, "cache_aware", random.Random(5))
+    in_flight = dict.fromkeys(range(6), 0)
+    holds: set[int] = set()
+    reasons: Counter[str] = Counter()
+    for _ in range(120):
+        fleet = [cand(i, in_flight=in_flight[i], matched_blocks=8 if i in holds else 0) for i in range(6)]
+        d = sched.decide(req(8), fleet)
+        pick = next(i for i in range(6) if cand(i).id == d.backend)
+        reasons[d.reason] += 1
+        in_flight[pick] += 1
+        holds.add(pick)
+        lo = min(in_flight.values())
+        assert max(in_flight.values()) <= lo + 1 + CFG.load_band + CFG.load_band_ratio * lo
+    assert holds == set(range(6))
+    assert reasons["fallback"] == 1 and reasons["load"] == 5  # the first miss, then one spill per new holder
+    assert reasons["affinity"] == 114
