@@ -57,6 +57,8 @@ class Replica:
     probe_task: asyncio.Task[None] | None = None
     """The probe in progress, if any: never two at once, and ``probe_all`` waits for it."""
     scrape_task: asyncio.Task[None] | None = None
+    stale_reported: bool = False
+    """The engine gauges of a stale scrape were removed (until the next good scrape)."""
 
 
 class Monitor:
@@ -159,7 +161,7 @@ class Monitor:
         tasks = [self._probe(r) for r in self.fleet.replicas()]
         if wait:
             await asyncio.gather(*tasks)
-        self.fleet.refresh_circuits()
+        self.fleet.refresh_gauges()
 
     def _probe(self, r: Replica) -> asyncio.Task[None]:
         """The replica's probe in progress, or a new one (a hanging replica is asked once)."""

@@ -255,10 +255,20 @@ class Fleet:
         log.info("fleet: %s is now %s", b.id, "healthy" if b.healthy else "unhealthy")
         return b.healthy
 
-    def refresh_circuits(self) -> None:
+    def refresh_gauges(self) -> None:
+        """Gauges that change with time alone: a circuit turning half-open, a scrape going stale.
+
+        A stale engine gauge is removed rather than left at its last value: a dashboard must
+        show "unknown", not a queue length from minutes ago."""
         now = self._clock()
-        for bid, r in self._replicas.items():  # open -> half-open happens with time alone
+        stale_before = now - self.config.scheduling.metrics_staleness_s
+        for bid, r in self._replicas.items():
             metrics.CIRCUIT_OPEN.labels(bid).set(0 if r.breaker.allows(now) else 1)
+            if not r.stale_reported and r.sample is not None and r.backend.load.scraped_at < stale_before:
+                r.stale_reported = True
+                for gauge in (metrics.ENGINE_WAITING, metrics.ENGINE_KV_USAGE):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(bid)
 
     def apply_models(self, r: Replica, base: str | None, served: frozenset[str]) -> None:
         if self._replicas.get(r.backend.id) is not r:
@@ -275,6 +285,7 @@ class Fleet:
         prev, r.sample = r.sample, sample
         b.load = EngineLoad(running=sample.running or 0.0, waiting=sample.waiting or 0.0,
                             kv_usage=sample.kv_usage or 0.0, scraped_at=self._clock())
+        r.stale_reported = False
         if sample.waiting is not None:
             metrics.ENGINE_WAITING.labels(b.id).set(sample.waiting)
         if sample.kv_usage is not None:

@@ -221,6 +221,9 @@ async def test_stale_engine_metrics_are_dropped_from_candidates(engines: Engines
         assert waited < 1.5
         c = fleet.candidates("sim-model", {})[0]
         assert c.kv_usage is None and c.healthy  # stale load is not ill health
+        await until(lambda: gauge(metrics.ENGINE_WAITING, s0.url) == -1.0)  # unknown, not 9 forever
+        e0.metrics_ok = True
+        await until(lambda: gauge(metrics.ENGINE_WAITING, s0.url) == 9.0)
     finally:
         await fleet.stop()
 
