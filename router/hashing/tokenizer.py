@@ -92,7 +92,12 @@ class ModelTokenizer:
         return self._segments
 
     def _plain_encode(self, text: str) -> list[int]:
-        ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
+        return self._ids(text, add_special_tokens=False)
+
+    def _ids(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        # encode_batch_fast: the same ids as encode (tested), without computing offsets, and
+        # with the GIL released: 1.2x faster on 400 chars, 2x on a 1024-char segment here.
+        ids: list[int] = self._tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
         return ids
 
     @classmethod
@@ -115,12 +120,11 @@ class ModelTokenizer:
     def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         segments = self._segments
         if segments is None:
-            ids: list[int] = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-            return ids
+            return self._ids(text, add_special_tokens=add_special_tokens)
         if not add_special_tokens:
             return segments.encode(text)
         if self._special_around is None:
-            return list(self._tok.encode(text, add_special_tokens=True).ids)
+            return self._ids(text, add_special_tokens=True)
         head, tail = self._special_around
         return [*head, *segments.encode(text), *tail]
 
