@@ -99,6 +99,8 @@ class EventIngest:
             self._http = httpx.AsyncClient(timeout=10.0)
         if hasattr(self.fleet, "on_restart"):
             self.fleet.on_restart(self._fleet_restart)
+        if hasattr(self.fleet, "on_removed"):
+            self.fleet.on_removed(self._fleet_removed)  # at once; the follower's poll is the fallback
         if self.config.redis_url is not None and self.config.index.events_election:
             client, _ = connect(self.config.redis_url, deadline_ms=LEASE_CALL_MS,
                                 cluster=True if self.config.index.cluster else None)
@@ -304,6 +306,11 @@ class EventIngest:
                     cfg = self._config_for(rid)
                     if cfg is not None:
                         self.add_backend(cfg, backend)
+
+    async def _fleet_removed(self, backend_id: BackendId, *_: Any) -> None:
+        if backend_id in self._replicas:
+            log.info("kv events: %s left the fleet: stopping its ingestion", backend_id)
+            await self.remove_backend(backend_id)
 
     async def _fleet_restart(self, backend_id: BackendId, *_: Any) -> None:
         rep = self._replicas.get(backend_id)
