@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loadtest.bench import targets as tg
-from loadtest.bench.probe import HealthProbe, ProbeStats
+from loadtest.bench.probe import HealthProbe, ProbeStats, stage_means_us, stage_totals
 from loadtest.bench.procs import free_port, install_debian, tree_cpu_seconds
 from loadtest.bench.prompts import chat_body, completion_body
 from loadtest.bench.wrk import Cell, run_wrk
@@ -62,6 +62,8 @@ class Result:
     runs: list[Cell] = field(default_factory=list)
     cpu_us: float | None = None
     """CPU time the target's processes spent per answered request (median of the runs)."""
+    stages_us: dict[str, float] = field(default_factory=dict)
+    """cache-router only: mean µs per stage (its own histograms) over this row's runs."""
 
 
 def machine() -> str:
@@ -140,9 +142,12 @@ def _measure(rows: list[Row], targets: list[str], backend: str, proxy: str, args
             for url, _ in urls.values():  # warm-up: pools, tokenizer caches, first-request costs
                 run_wrk(url, row.path, body, connections=args.connections, duration=1, threads=args.threads)
             runs: dict[str, list[tuple[Cell, ProbeStats, float | None]]] = {t: [] for t in urls}
+            routers = [t for t in urls if _workers(t)[0] in ROUTERS]
+            before = {t: stage_totals(urls[t][0]) for t in routers}
             for _ in range(args.repeats):
                 for t, started in urls.items():
                     runs[t].append(_probed_run(started, row.path, body, args))
+            stages = {t: stage_means_us(before[t], stage_totals(urls[t][0])) for t in routers}
             for t, rs in runs.items():
                 cells = [c for c, _, _ in rs]
                 cpus = [u for _, _, u in rs if u is not None]
@@ -150,7 +155,8 @@ def _measure(rows: list[Row], targets: list[str], backend: str, proxy: str, args
                            statistics.median(c.p99_ms for c in cells), sum(c.errors for c in cells),
                            sum(c.requests for c in cells))
                 health = max((h for _, h, _ in rs), key=lambda h: h.p99_ms if not math.isnan(h.p99_ms) else -1)
-                out[row.label][t] = Result(med, health, cells, statistics.median(cpus) if cpus else None)
+                out[row.label][t] = Result(med, health, cells, statistics.median(cpus) if cpus else None,
+                                           stages.get(t, {}))
                 print(f"  {row.label:32} {t:22} {med.rps:9,.0f} req/s  p50 {med.p50_ms:7.2f} ms  "
                       f"p99 {med.p99_ms:7.2f} ms  /health p99 {health.p99_ms:6.1f} ms"
                       + (f"  CPU {statistics.median(cpus):6.0f} us/req" if cpus else ""), flush=True)
@@ -244,6 +250,15 @@ def print_table(results: dict[str, dict[str, Result]], targets: list[str], args:
     for label, cells in results.items():
         print(f"| {label} | " + " | ".join(f"{cells[t].cpu_us:,.0f}" if t in cells and cells[t].cpu_us else "n/a"
                                           for t in measured) + " |")
+    stage_names = ["parse", "render", "tokenize", "hash", "lookup", "score", "proxy_connect"]
+    for t in (t for t in targets if _workers(t)[0] in ROUTERS):
+        print(f"\n{t}: its own stage histograms, mean µs per request over each row's runs "
+              "(one worker's view with :N):\n")
+        print("| prompt | " + " | ".join(stage_names) + " |")
+        print("|" + "---|" * (len(stage_names) + 1))
+        for label, cells in results.items():
+            st = cells[t].stages_us if t in cells else {}
+            print(f"| {label} | " + " | ".join(f"{st[n]:,.0f}" if n in st else "-" for n in stage_names) + " |")
     print("\n/health under that load (a new connection every 20 ms; worst p99 of the repeats, ms):\n")
     print("| prompt | " + " | ".join(targets) + " |")
     print("|" + "---|" * (len(targets) + 1))

@@ -11,6 +11,7 @@ import http.client
 import statistics
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -79,3 +80,33 @@ class HealthProbe:
 
     def stats(self) -> ProbeStats:
         return summarize(self.latencies_ms, self.failures)
+
+
+def stage_totals(base_url: str) -> dict[str, tuple[float, float]]:
+    """cache-router's ``cache_router_stage_seconds`` histograms: stage -> (sum seconds, count)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, tuple[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "cache_router_stage_seconds":
+            continue
+        for sample in family.samples:
+            stage = sample.labels.get("stage", "")
+            total, count = out.get(stage, (0.0, 0.0))
+            if sample.name.endswith("_sum"):
+                out[stage] = (sample.value, count)
+            elif sample.name.endswith("_count"):
+                out[stage] = (total, sample.value)
+    return out
+
+
+def stage_means_us(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Mean µs per observation of each stage between two scrapes (stages observed in between)."""
+    means: dict[str, float] = {}
+    for stage, (total, count) in after.items():
+        t0, c0 = before.get(stage, (0.0, 0.0))
+        if count > c0:
+            means[stage] = (total - t0) / (count - c0) * 1e6
+    return means
