@@ -311,6 +311,8 @@ class EventIngest:
         if backend_id in self._replicas:
             log.info("kv events: %s left the fleet: stopping its ingestion", backend_id)
             await self.remove_backend(backend_id)
+            with contextlib.suppress(IndexUnavailable):  # a batch applied while it was leaving
+                await self.index.clear(backend_id)
 
     async def _fleet_restart(self, backend_id: BackendId, *_: Any) -> None:
         rep = self._replicas.get(backend_id)
