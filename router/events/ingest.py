@@ -4,7 +4,8 @@ Per replica with events configured it runs: a SUB socket task (connect mode) or 
 of the one bound SUB (bind mode), a bounded queue, and one worker task that decodes and
 applies that replica's messages strictly in order (``ReplicaApplier``). Around them: a
 watchdog (an engine that serves requests but stopped sending events loses precise mode)
-and a follower that drops replicas the fleet removed and picks up configured ones it added.
+and a follower that drops replicas the fleet removed and picks up the ones it added (from the
+config file or from discovery, whose entries carry their event endpoints).
 
 Who ingests when several routers share one Redis index: by default (``index.events_election``)
 one router, elected with a Redis lease (``router.events.leader``): it ingests every engine's
@@ -46,7 +47,8 @@ from router.types import BackendId
 log = logging.getLogger(__name__)
 
 QUEUE_MESSAGES = 10_000
-"""Per-replica backlog; beyond it messages are dropped and recovered by replay (see EventSocket)."""
+"""Per-replica backlog (vLLM's replay buffer size): beyond it a connected SUB waits (ZMQ buffers),
+the shared bound SUB drops and the gap is replayed (see EventSocket)."""
 WATCHDOG_INTERVAL_S = 1.0
 FOLLOW_INTERVAL_S = 2.0
 LEASE_CALL_MS = 500.0
@@ -132,7 +134,7 @@ class EventIngest:
             await self._http.aclose()
             self._http = None
         if self._ctx is not None:
-            self._ctx.term()
+            self._ctx.destroy(linger=0)  # never blocks, even if a socket were left open
             self._ctx = None
 
     @property
