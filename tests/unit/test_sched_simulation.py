@@ -8,6 +8,8 @@ discrete-event model of an engine fleet, deterministic from a seed:
   ``CACHE_BLOCKS`` blocks; a request's leading cached blocks are found when it starts;
 - prefill takes ``PREFILL_S_PER_TOKEN`` per uncached token (a miss costs throughput, not
   only latency), then ``OUTPUT_TOKENS`` decode steps of ``ITL_S``; TTFT = queueing + prefill;
+  two engine models: ``slots`` (each sequence computes on its own) and ``timeline`` (prefills
+  take turns on one compute timeline per engine, as in ``loadtest.engine``'s timing model);
 - the router sees exact matched blocks (precise mode), its own in-flight counts and the
   engine queue, as the Fleet would give them.
 
@@ -22,7 +24,6 @@ from __future__ import annotations
 import heapq
 import random
 from collections import OrderedDict, deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -34,12 +35,13 @@ from router.types import BackendId, BlockKey
 
 BLOCK = 16
 SLOTS = 4
+TIMELINE_SLOTS = 8
 CACHE_BLOCKS = 600
 PREFILL_S_PER_TOKEN = 0.0002  # 2k uncached tokens: 0.4 s
 ITL_S = 0.01
 OUTPUT_TOKENS = 30
 REPLICAS = 4
-N_REQUESTS = 1200
+N_REQUESTS = 700
 
 
 @dataclass
@@ -58,6 +60,8 @@ class Replica:
     cache: OrderedDict[int, None] = field(default_factory=OrderedDict)
     queue: deque[Req] = field(default_factory=deque)
     running: int = 0
+    timeline: bool = False
+    busy_until: float = 0.0
 
     def matched(self, keys: tuple[int, ...]) -> int:
         n = 0
@@ -77,15 +81,20 @@ class Replica:
             self.cache.popitem(last=False)
         r.cached = hit * BLOCK
         prefill = (r.tokens - r.cached) * PREFILL_S_PER_TOKEN
-        r.ttft = now + prefill - r.arrival
+        begin = max(now, self.busy_until) if self.timeline else now
+        if self.timeline:  # prefills take turns on the engine's one compute timeline
+            self.busy_until = begin + prefill
+        r.ttft = begin + prefill - r.arrival
         self.running += 1
-        return now + prefill + OUTPUT_TOKENS * ITL_S
+        return begin + prefill + OUTPUT_TOKENS * ITL_S
 
 
-def simulate(policy: str, requests: list[Req], seed: int) -> tuple[float, float]:
+def simulate(policy: str, requests: list[Req], seed: int, engine: str = "slots") -> tuple[float, float]:
     """(TTFT p99 in seconds, hit rate) of the fleet under ``policy``."""
     sched = Scheduler(SchedulingConfig(), policy, random.Random(seed))
-    fleet = [Replica(BackendId(f"http://sim-{i}")) for i in range(REPLICAS)]
+    timeline = engine == "timeline"
+    slots = TIMELINE_SLOTS if timeline else SLOTS
+    fleet = [Replica(BackendId(f"http://sim-{i}"), timeline=timeline) for i in range(REPLICAS)]
     events: list[tuple[float, int, int, Req | None]] = []  # (time, seq, replica or -1 arrival, req)
     seq = 0
     for r in requests:
@@ -103,7 +112,7 @@ def simulate(policy: str, requests: list[Req], seed: int) -> tuple[float, float]
             chosen = sched.decide(rr, cands).backend
             i = next(j for j, rep in enumerate(fleet) if rep.id == chosen)
             rep = fleet[i]
-            if rep.running < SLOTS:
+            if rep.running < slots:
                 heapq.heappush(events, (rep.start(req, now), seq, i, None))
             else:
                 rep.queue.append(req)
@@ -166,35 +175,35 @@ def workload(name: str, rate: float, seed: int) -> list[Req]:
     return out
 
 
-def _capacity_rps(mean_tokens: float) -> float:
+def _capacity_rps(mean_tokens: float, engine: str = "slots") -> float:
     """Requests/s the fleet sustains when nothing is cached (the load reference)."""
-    per_request = mean_tokens * PREFILL_S_PER_TOKEN + OUTPUT_TOKENS * ITL_S
-    return REPLICAS * SLOTS / per_request
+    prefill = mean_tokens * PREFILL_S_PER_TOKEN
+    if engine == "timeline":
+        return REPLICAS * min(1 / prefill, TIMELINE_SLOTS / (prefill + OUTPUT_TOKENS * ITL_S))
+    return REPLICAS * SLOTS / (prefill + OUTPUT_TOKENS * ITL_S)
 
 
 # Load is relative to what the fleet sustains with no cache hits, so workloads with much
 # reuse need a higher figure to be loaded at all (hot_prefix hits 75% of its tokens).
-CASES = [("zero_reuse", 0.6), ("zero_reuse", 0.9), ("hot_prefix", 1.3), ("groups", 0.9), ("churn", 0.9),
-         ("mixed", 0.9), ("partial", 0.95), ("multi_turn", 0.6), ("multi_turn", 0.9)]
+CASES = [("slots", "zero_reuse", 0.9), ("slots", "hot_prefix", 1.3), ("slots", "groups", 0.9),
+         ("slots", "churn", 0.9), ("slots", "mixed", 0.9), ("slots", "partial", 0.95),
+         ("slots", "multi_turn", 0.9),
+         ("timeline", "hot_prefix", 2.5), ("timeline", "groups", 0.9),
+         ("timeline", "mixed", 0.9), ("timeline", "multi_turn", 0.9)]
+SEEDS = (1, 2, 3)
+POLICIES = ("round_robin", "least_load", "cache_aware")
 
 
-def _runs(name: str, rho: float) -> Iterator[tuple[str, float, float]]:
+@pytest.mark.parametrize(("engine", "name", "rho"), CASES)
+def test_cache_aware_ttft_p99_no_worse_than_load_balancing(engine: str, name: str, rho: float) -> None:
     reqs = workload(name, 1.0, seed=7)
-    rate = rho * _capacity_rps(sum(r.tokens for r in reqs) / len(reqs))
-    for policy in ("round_robin", "least_load", "cache_aware"):
-        p99, hit = simulate(policy, workload(name, rate, seed=7), seed=3)
-        yield policy, p99, hit
-
-
-@pytest.mark.parametrize(("name", "rho"), CASES)
-def test_cache_aware_ttft_p99_no_worse_than_load_balancing(name: str, rho: float) -> None:
-    results = {policy: (p99, hit) for policy, p99, hit in _runs(name, rho)}
-    print(f"\n{name} at {rho:.0%} of miss capacity: " + ", ".join(
-        f"{p}: p99 {p99 * 1000:.0f} ms hit {hit:.2f}" for p, (p99, hit) in results.items()))
-    ca_p99, ca_hit = results["cache_aware"]
-    best_baseline = min(results["round_robin"][0], results["least_load"][0])
-    # 8% + 10 ms slack: one simulated run, p99 of 1200 requests is the 12th worst; where every
-    # replica holds the same prefix cache_aware is least_load with other tie-break turns, and
-    # over seeds the two differ by up to +-6% either way.
-    assert ca_p99 <= best_baseline * 1.08 + 0.010
-    assert ca_hit >= max(results["round_robin"][1], results["least_load"][1]) - 0.01
+    rate = rho * _capacity_rps(sum(r.tokens for r in reqs) / len(reqs), engine)
+    runs = {p: [simulate(p, workload(name, rate, seed=s), seed=s, engine=engine) for s in SEEDS] for p in POLICIES}
+    p99 = {p: sum(r[0] for r in rs) / len(rs) for p, rs in runs.items()}
+    hit = {p: sum(r[1] for r in rs) / len(rs) for p, rs in runs.items()}
+    print(f"\n{engine} {name} at {rho:.0%} of miss capacity, mean of {len(SEEDS)} seeds: " + ", ".join(
+        f"{p}: p99 {p99[p] * 1000:.0f} ms hit {hit[p]:.2f}" for p in POLICIES))
+    # 5% + 10 ms slack: where every replica holds the same prefix, cache_aware is least_load
+    # with other tie-break turns, and single runs differ by up to 18% either way.
+    assert p99["cache_aware"] <= min(p99["round_robin"], p99["least_load"]) * 1.05 + 0.010
+    assert hit["cache_aware"] >= max(hit["round_robin"], hit["least_load"]) - 0.01
