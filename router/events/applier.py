@@ -324,6 +324,12 @@ class ReplicaApplier:
             log.warning("kv events: block size of %s now matches (%d): precise again", self.id, expected)
             st.disabled = None
             await self._resync(upto=seq, reason="block size corrected")
+        if ev.lora_id is not None and ev.lora_name is None:
+            # An adapter's blocks without its name (vLLM before lora_name): keyed as the base
+            # model they would match base-model requests, so they are left out (missed hits only).
+            self._warn_once("lora_id", "kv events: %s sends LoRA blocks without lora_name (old vLLM): "
+                            "those blocks are not indexed", self.id)
+            return
         if ev.parent_block_hash is None:
             namespace = ev.lora_name or self._base_model()
             if namespace is None:

@@ -52,6 +52,8 @@ class BlockStored:
     lora_name: str | None = None
     salt: str | None = None
     """The ``cache_salt`` found in block 0's extra keys (None if absent)."""
+    lora_id: int | None = None
+    """Deprecated by vLLM for ``lora_name``; set alone (old versions), the adapter is unnamed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,8 +187,11 @@ def _stored(f: dict[str, Any]) -> BlockStored:
     lora = f.get("lora_name")
     if lora is not None and not isinstance(lora, str):
         raise DecodeError("BlockStored.lora_name must be a string")
+    lora_id = f.get("lora_id")
+    if not (lora_id is None or (isinstance(lora_id, int) and not isinstance(lora_id, bool))):
+        lora_id = None  # informational only (the name is what keys use)
     return BlockStored(hashes, parent, tokens, size, _medium(f.get("medium")), lora,
-                       _salt(f.get("extra_keys"), lora))
+                       _salt(f.get("extra_keys"), lora), lora_id)
 
 
 def _salt(extra: Any, lora: str | None) -> str | None:
@@ -253,6 +258,7 @@ class _WStored(msgspec.Struct, tag="BlockStored", tag_field="type", gc=False):
     medium: str | None = None
     lora_name: str | None = None
     extra_keys: list[Any] | None = None
+    lora_id: int | None = None
 
 
 class _WRemoved(msgspec.Struct, tag="BlockRemoved", tag_field="type", gc=False):
@@ -281,7 +287,7 @@ def _fast(payload: bytes) -> EventBatch:
             if len(ev.token_ids) != len(ev.block_hashes) * ev.block_size:
                 raise DecodeError("token count")
             events.append(BlockStored(tuple(ev.block_hashes), ev.parent_block_hash, ev.token_ids, ev.block_size,
-                                      ev.medium, ev.lora_name, _salt(ev.extra_keys, ev.lora_name)))
+                                      ev.medium, ev.lora_name, _salt(ev.extra_keys, ev.lora_name), ev.lora_id))
         elif type(ev) is _WRemoved:
             events.append(BlockRemoved(tuple(ev.block_hashes), ev.medium))
         else:

@@ -173,6 +173,17 @@ async def test_lora_and_salt_namespace_the_keys(make_rig: Any) -> None:
     assert await rig.held(toks, namespace="adapter-x") == 0
 
 
+async def test_adapter_blocks_without_lora_name_are_not_credited_to_the_base_model(make_rig: Any) -> None:
+    rig = await make_rig(positional=True)  # the old vLLM that had lora_id but no lora_name
+    toks, plain = tokens(2, 3), tokens(1, 4)
+    ev = rig.pub.stored([rig.pub.block_hash("lora", 0), rig.pub.block_hash("lora", 1)], None, toks)
+    await rig.pub.publish([[*ev[:5], 7, "GPU"]])  # [tag, hashes, parent, tokens, block_size, lora_id=7, medium]
+    await rig.store_chain(plain)
+    await rig.applied(1)
+    assert await rig.held(toks) == 0  # keyed as the base model they would match base-model requests
+    assert await rig.held(plain) == 1
+
+
 async def test_gap_is_filled_by_replay(make_rig: Any) -> None:
     rig = await make_rig()
     a, b, c = tokens(1, 10), tokens(1, 11), tokens(1, 12)

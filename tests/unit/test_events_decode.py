@@ -58,8 +58,8 @@ def stored(draw: Any) -> tuple[Any, Any, BlockStored]:
         lora_seen, salt_seen = None, None  # fields the older version did not have
     else:
         lora_seen, salt_seen = lora, (salt if length >= 9 and extra is not None else None)
-    expected_map = BlockStored(tuple(hs), parent, toks, bs, medium, lora, salt if extra is not None else None)
-    expected_pos = BlockStored(tuple(hs), parent, toks, bs, medium, lora_seen, salt_seen)
+    expected_map = BlockStored(tuple(hs), parent, toks, bs, medium, lora, salt if extra is not None else None, None)
+    expected_pos = BlockStored(tuple(hs), parent, toks, bs, medium, lora_seen, salt_seen, None)
     return as_map, positional, (expected_map, expected_pos)
 
 
