@@ -112,6 +112,7 @@ class ReplicaApplier:
         self._wall = wall
         self.state = ApplierState()
         self._reported_restart_at = float("-inf")
+        self._group: int | None = None  # the KV-cache group followed (hybrid models), once seen
         # labelled children resolved once: .labels() costs more than applying a small event
         self._m_events = {t: metrics.KV_EVENTS.labels(self.id, t)
                           for t in ("BlockStored", "BlockRemoved", "AllBlocksCleared", "unknown")}
@@ -324,6 +325,8 @@ class ReplicaApplier:
             log.warning("kv events: block size of %s now matches (%d): precise again", self.id, expected)
             st.disabled = None
             await self._resync(upto=seq, reason="block size corrected")
+        if not self._follows_group(ev.group_idx, ev.kind):
+            return
         if ev.lora_id is not None and ev.lora_name is None:
             # An adapter's blocks without its name (vLLM before lora_name): keyed as the base
             # model they would match base-model requests, so they are left out (missed hits only).
@@ -353,6 +356,8 @@ class ReplicaApplier:
             observer(ev, keys)
 
     async def _removed(self, ev: BlockRemoved) -> None:
+        if ev.group_idx is not None and self._group is not None and ev.group_idx != self._group:
+            return
         gone, ages = self._blocks.remove(ev.block_hashes, ev.medium, self._clock())
         for age in ages:
             metrics.BLOCK_RETENTION.observe(age)
@@ -383,6 +388,18 @@ class ReplicaApplier:
         await self.index.clear(self.id)
 
     # ---- helpers ---------------------------------------------------------------------------
+
+    def _follows_group(self, group: int | None, kind: str | None) -> bool:
+        """Hybrid models announce each KV-cache group's blocks. Only the first full-attention group
+        says which prefixes are cached: a sliding-window group drops early blocks that full
+        attention keeps, and applying its removals would hide the whole prefix."""
+        if kind is not None and kind != "full_attention":
+            return False
+        if group is None:
+            return True
+        if self._group is None:
+            self._group = group
+        return group == self._group
 
     def _base_model(self) -> str | None:
         if self.backend.base_model:

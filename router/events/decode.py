@@ -54,12 +54,17 @@ class BlockStored:
     """The ``cache_salt`` found in block 0's extra keys (None if absent)."""
     lora_id: int | None = None
     """Deprecated by vLLM for ``lora_name``; set alone (old versions), the adapter is unnamed."""
+    group_idx: int | None = None
+    """KV-cache group of a hybrid model (None: the only one)."""
+    kind: str | None = None
+    """``kv_cache_spec_kind`` of that group: "full_attention", "sliding_window", ... (None: not said)."""
 
 
 @dataclass(frozen=True, slots=True)
 class BlockRemoved:
     block_hashes: tuple[EngineHash, ...]
     medium: str | None = None
+    group_idx: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +147,8 @@ def decode_payload_defensively(payload: bytes) -> EventBatch:
 # Positional field order of older vLLM (array_like structs): the tag, then fields in
 # declaration order. Later versions only append, so any length >= the first ones works.
 _STORED_FIELDS = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium",
-                  "lora_name", "extra_keys")
-_REMOVED_FIELDS = ("block_hashes", "medium")
+                  "lora_name", "extra_keys", "group_idx", "kv_cache_spec_kind")
+_REMOVED_FIELDS = ("block_hashes", "medium", "group_idx")
 
 
 def _event(raw: Any) -> Event:
@@ -161,7 +166,8 @@ def _event(raw: Any) -> Event:
     if kind == "BlockStored":
         return _stored(fields)
     if kind == "BlockRemoved":
-        return BlockRemoved(_hashes(fields.get("block_hashes")), _medium(fields.get("medium")))
+        return BlockRemoved(_hashes(fields.get("block_hashes")), _medium(fields.get("medium")),
+                            _opt_int(fields.get("group_idx")))
     if kind == "AllBlocksCleared":
         return AllBlocksCleared()
     return UnknownEvent(kind[:64])
@@ -190,8 +196,10 @@ def _stored(f: dict[str, Any]) -> BlockStored:
     lora_id = f.get("lora_id")
     if not (lora_id is None or (isinstance(lora_id, int) and not isinstance(lora_id, bool))):
         lora_id = None  # informational only (the name is what keys use)
+    kind = f.get("kv_cache_spec_kind")
     return BlockStored(hashes, parent, tokens, size, _medium(f.get("medium")), lora,
-                       _salt(f.get("extra_keys"), lora), lora_id)
+                       _salt(f.get("extra_keys"), lora), lora_id, _opt_int(f.get("group_idx")),
+                       kind if isinstance(kind, str) else None)
 
 
 def _salt(extra: Any, lora: str | None) -> str | None:
@@ -233,6 +241,10 @@ def _medium(m: Any) -> str | None:
     raise DecodeError("medium must be a string")
 
 
+def _opt_int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -259,11 +271,14 @@ class _WStored(msgspec.Struct, tag="BlockStored", tag_field="type", gc=False):
     lora_name: str | None = None
     extra_keys: list[Any] | None = None
     lora_id: int | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
 
 
 class _WRemoved(msgspec.Struct, tag="BlockRemoved", tag_field="type", gc=False):
     block_hashes: list[_WireHash]
     medium: str | None = None
+    group_idx: int | None = None
 
 
 class _WCleared(msgspec.Struct, tag="AllBlocksCleared", tag_field="type", gc=False):
@@ -287,9 +302,10 @@ def _fast(payload: bytes) -> EventBatch:
             if len(ev.token_ids) != len(ev.block_hashes) * ev.block_size:
                 raise DecodeError("token count")
             events.append(BlockStored(tuple(ev.block_hashes), ev.parent_block_hash, ev.token_ids, ev.block_size,
-                                      ev.medium, ev.lora_name, _salt(ev.extra_keys, ev.lora_name), ev.lora_id))
+                                      ev.medium, ev.lora_name, _salt(ev.extra_keys, ev.lora_name), ev.lora_id,
+                                      ev.group_idx, ev.kv_cache_spec_kind))
         elif type(ev) is _WRemoved:
-            events.append(BlockRemoved(tuple(ev.block_hashes), ev.medium))
+            events.append(BlockRemoved(tuple(ev.block_hashes), ev.medium, ev.group_idx))
         else:
             events.append(AllBlocksCleared())
     return EventBatch(wire.ts, tuple(events), wire.data_parallel_rank)

@@ -184,6 +184,22 @@ async def test_adapter_blocks_without_lora_name_are_not_credited_to_the_base_mod
     assert await rig.held(plain) == 1
 
 
+async def test_hybrid_model_follows_the_full_attention_group(make_rig: Any) -> None:
+    rig = await make_rig()
+    toks = tokens(2, 5)
+    hashes = [rig.pub.block_hash("h", 0), rig.pub.block_hash("h", 1)]
+    full = {**rig.pub.stored(hashes, None, toks), "group_idx": 0, "kv_cache_spec_kind": "full_attention"}
+    window = {**rig.pub.stored(hashes, None, toks), "group_idx": 1, "kv_cache_spec_kind": "sliding_window"}
+    await rig.pub.publish([full, window])
+    # the sliding window lets its early block go; full attention still holds the whole prefix
+    await rig.pub.publish([{**rig.pub.removed(hashes[:1]), "group_idx": 1}])
+    await rig.applied(1)
+    assert await rig.held(toks) == 2
+    await rig.pub.publish([{**rig.pub.removed(hashes[1:]), "group_idx": 0}])
+    await rig.applied(2)
+    assert await rig.held(toks) == 1
+
+
 async def test_gap_is_filled_by_replay(make_rig: Any) -> None:
     rig = await make_rig()
     a, b, c = tokens(1, 10), tokens(1, 11), tokens(1, 12)

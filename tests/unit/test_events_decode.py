@@ -58,8 +58,8 @@ def stored(draw: Any) -> tuple[Any, Any, BlockStored]:
         lora_seen, salt_seen = None, None  # fields the older version did not have
     else:
         lora_seen, salt_seen = lora, (salt if length >= 9 and extra is not None else None)
-    expected_map = BlockStored(tuple(hs), parent, toks, bs, medium, lora, salt if extra is not None else None, None)
-    expected_pos = BlockStored(tuple(hs), parent, toks, bs, medium, lora_seen, salt_seen, None)
+    expected_map = BlockStored(tuple(hs), parent, toks, bs, medium, lora, salt if extra is not None else None)
+    expected_pos = BlockStored(tuple(hs), parent, toks, bs, medium, lora_seen, salt_seen)
     return as_map, positional, (expected_map, expected_pos)
 
 
@@ -101,7 +101,7 @@ def test_removed_and_cleared_both_encodings(hs: list[Any], medium: str | None) -
         {"type": "SomethingNew", "x": 1},
     ], 0])
     batch = decode_payload(payload)
-    assert batch.events == (BlockRemoved(tuple(hs), medium), BlockRemoved(tuple(hs), medium),
+    assert batch.events == (BlockRemoved(tuple(hs), medium, 0), BlockRemoved(tuple(hs), medium),
                             AllBlocksCleared(), AllBlocksCleared(), UnknownEvent("SomethingNew"))
 
 
