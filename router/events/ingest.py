@@ -291,10 +291,7 @@ class EventIngest:
                     log.warning("kv events: %s served requests for %.0fs without sending events: precise mode off "
                                 "until events resume", backend.id, now - rep.busy_since)
                     rep.applier.silenced()
-            with contextlib.suppress(IndexUnavailable):
-                sizes = await self.index.sizes()
-                for rid in self._replicas:
-                    metrics.INDEX_BLOCKS.labels(rid).set(sizes.get(rid, 0))
+            # index sizes per replica are exported by the index wrapper (router.index.resilient)
 
     async def _follow_fleet(self) -> None:
         while True:
