@@ -96,6 +96,11 @@ class EventIngest:
         if self.config.index.mode == "approximate":
             log.info("kv events: index.mode is approximate: not ingesting events")
             return
+        if self.config.index.mode == "precise":
+            for cfg in self.config.backends:
+                if cfg.kv_events is None and cfg.kv_topic is None:
+                    log.warning("kv events: index.mode is precise but %s has no kv_events/kv_topic: "
+                                "it is routed in approximate mode", cfg.url)
         self._ctx = zmq.asyncio.Context()
         if self.config.index.selfcheck and self.config.tokenizer is not None:
             self._http = httpx.AsyncClient(timeout=10.0)
