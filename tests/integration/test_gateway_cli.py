@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import SIM_MODEL
-from tests.support.router import scripted_engines
+from tests.support.router import HTTP, scripted_engines
 from tests.support.servers import env_without_proxies, free_port
 
 SECRET = "zebra quartz marmalade"
@@ -54,15 +54,15 @@ def test_serve_flags_override_the_file(tmp_path: Path) -> None:
             deadline = time.monotonic() + 20
             while True:
                 try:
-                    if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    if HTTP.get(url + "/ready", timeout=1).status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
                 assert time.monotonic() < deadline and proc.poll() is None, "router did not start"
                 time.sleep(0.1)
-            resp = httpx.post(url + "/v1/completions", json={"model": "sim-model", "prompt": SECRET}, timeout=10)
+            resp = HTTP.post(url + "/v1/completions", json={"model": "sim-model", "prompt": SECRET}, timeout=10)
             assert resp.headers["x-cache-router-backend"] == engine.url  # --backend replaced the file's list
-            plan = httpx.post(url + "/debug/route", json={"model": "sim-model", "prompt": "hi"}).json()
+            plan = HTTP.post(url + "/debug/route", json={"model": "sim-model", "prompt": "hi"}).json()
             assert plan["policy"] == "least_load" and plan["approximate"] is False
         finally:
             proc.terminate()

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.conftest import SIM_MODEL
-from tests.support.router import ScriptedEngine, running_router, scripted_engines
+from tests.support.router import HTTP, ScriptedEngine, running_router, scripted_engines
 from tests.support.servers import UvicornThread
 
 LIMIT = 4096
@@ -72,7 +72,7 @@ BAD_CHAT: list[tuple[str, bytes]] = [
 def test_bad_completion_bodies_are_400(stack: tuple[UvicornThread, ScriptedEngine], case: str, body: bytes) -> None:
     router, engine = stack
     before = len(engine.requests)
-    resp = httpx.post(router.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    resp = HTTP.post(router.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
     _assert_openai_error(resp, 400)
     assert len(engine.requests) == before
 
@@ -81,13 +81,13 @@ def test_bad_completion_bodies_are_400(stack: tuple[UvicornThread, ScriptedEngin
 def test_bad_chat_bodies_are_400(stack: tuple[UvicornThread, ScriptedEngine], case: str, body: bytes) -> None:
     router, engine = stack
     before = len(engine.requests)
-    _assert_openai_error(httpx.post(router.url + "/v1/chat/completions", content=body), 400)
+    _assert_openai_error(HTTP.post(router.url + "/v1/chat/completions", content=body), 400)
     assert len(engine.requests) == before
 
 
 def test_unknown_model_is_404(stack: tuple[UvicornThread, ScriptedEngine]) -> None:
     router, _ = stack
-    err = _assert_openai_error(httpx.post(router.url + "/v1/completions", json={"model": "nope", "prompt": "x"}), 404)
+    err = _assert_openai_error(HTTP.post(router.url + "/v1/completions", json={"model": "nope", "prompt": "x"}), 404)
     assert err["code"] == "model_not_found"
 
 
@@ -95,7 +95,7 @@ def test_body_over_limit_is_413_by_length_and_by_stream(stack: tuple[UvicornThre
     router, engine = stack
     before = len(engine.requests)
     big = {"model": "sim-model", "prompt": "x" * (LIMIT + 10)}
-    _assert_openai_error(httpx.post(router.url + "/v1/completions", json=big), 413)
+    _assert_openai_error(HTTP.post(router.url + "/v1/completions", json=big), 413)
 
     def chunked() -> Iterator[bytes]:  # no Content-Length: the router must count as it reads
         yield b'{"model": "sim-model", "prompt": "'
@@ -103,26 +103,26 @@ def test_body_over_limit_is_413_by_length_and_by_stream(stack: tuple[UvicornThre
             yield b"y" * 512
         yield b'"}'
 
-    _assert_openai_error(httpx.post(router.url + "/v1/completions", content=chunked()), 413)
+    _assert_openai_error(HTTP.post(router.url + "/v1/completions", content=chunked()), 413)
     assert len(engine.requests) == before
     # Right at the limit is fine.
     ok = {"model": "sim-model", "prompt": "z" * (LIMIT - 100)}
-    assert httpx.post(router.url + "/v1/completions", json=ok).status_code == 200
+    assert HTTP.post(router.url + "/v1/completions", json=ok).status_code == 200
 
 
 def test_unknown_route_and_method_in_openai_shape(stack: tuple[UvicornThread, ScriptedEngine]) -> None:
     router, _ = stack
-    assert _assert_openai_error(httpx.get(router.url + "/v2/nothing"), 404)["code"] == "route_not_found"
-    assert _assert_openai_error(httpx.get(router.url + "/v1/completions"), 405)["code"] == "method_not_allowed"
+    assert _assert_openai_error(HTTP.get(router.url + "/v2/nothing"), 404)["code"] == "route_not_found"
+    assert _assert_openai_error(HTTP.get(router.url + "/v1/completions"), 405)["code"] == "method_not_allowed"
 
 
 def test_valid_shapes_pass(stack: tuple[UvicornThread, ScriptedEngine]) -> None:
     router, _ = stack
     for body in ({"model": "sim-model", "prompt": ["a", "b"]}, {"model": "sim-model", "prompt": [[1, 2], [3]]},
                  {"model": "sim-model", "prompt": [5, 6, 7], "max_tokens": 3, "cache_salt": "s"}):
-        assert httpx.post(router.url + "/v1/completions", json=body).status_code == 200
+        assert HTTP.post(router.url + "/v1/completions", json=body).status_code == 200
     chat = {"model": "sim-model", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
-    assert httpx.post(router.url + "/v1/chat/completions", json=chat).status_code == 200
+    assert HTTP.post(router.url + "/v1/chat/completions", json=chat).status_code == 200
 
 
 def test_openapi_document_agrees_with_the_parser(stack: tuple[UvicornThread, ScriptedEngine]) -> None:
@@ -130,7 +130,7 @@ def test_openapi_document_agrees_with_the_parser(stack: tuple[UvicornThread, Scr
     import orjson
 
     router, _ = stack
-    doc = httpx.get(router.url + "/openapi.json").json()
+    doc = HTTP.get(router.url + "/openapi.json").json()
     assert {"/v1/completions", "/v1/chat/completions", "/debug/route", "/v1/models"} <= set(doc["paths"])
     schema = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     validator = jsonschema.Draft202012Validator(schema)

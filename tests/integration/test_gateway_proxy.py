@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.support.router import metric, running_router, scripted_engines
+from tests.support.router import HTTP, metric, running_router, scripted_engines
 
 CLIENTS = pytest.mark.parametrize("client", ["aiohttp", "httpx"])  # both UpstreamClient implementations
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 20
@@ -27,7 +27,7 @@ def test_stream_arrives_incrementally_with_headers(client: str) -> None:
             running_router(proxy={"client": client}, backends=[engine.url]) as router:
         arrivals: list[float] = []
         t0 = time.monotonic()
-        with httpx.stream("POST", router.url + "/v1/completions", timeout=10,
+        with HTTP.stream("POST", router.url + "/v1/completions", timeout=10,
                           json={"model": "sim-model", "prompt": PROMPT, "stream": True}) as resp:
             assert resp.status_code == 200
             assert resp.headers["x-cache-router-backend"] == engine.url
@@ -45,7 +45,7 @@ def test_stream_arrives_incrementally_with_headers(client: str) -> None:
 
 def test_non_streaming_headers_and_body() -> None:
     with scripted_engines(1) as (engine,), running_router(backends=[engine.url]) as router:
-        resp = httpx.post(router.url + "/v1/chat/completions", timeout=10,
+        resp = HTTP.post(router.url + "/v1/chat/completions", timeout=10,
                           json={"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]})
         assert resp.status_code == 200
         assert resp.headers["x-cache-router-backend"] == engine.url
@@ -60,7 +60,7 @@ def test_5xx_is_retried_on_another_replica_before_the_first_byte(client: str) ->
         bad.script.mode = "status"
         before = metric(router.url, "cache_router_retries_total", reason="status")
         for i in range(6):
-            resp = httpx.post(router.url + "/v1/completions", timeout=10,
+            resp = HTTP.post(router.url + "/v1/completions", timeout=10,
                               json={"model": "sim-model", "prompt": f"{i} {PROMPT}", "stream": i % 2 == 0})
             assert resp.status_code == 200, resp.text
             assert resp.headers["x-cache-router-backend"] == good.url
@@ -74,7 +74,7 @@ def test_connect_error_is_retried_on_another_replica() -> None:
         dead.stop()  # still "healthy" to the fleet until its next probe, 30 s away
         before = metric(router.url, "cache_router_retries_total", reason="connect")
         for i in range(4):
-            resp = httpx.post(router.url + "/v1/completions", timeout=10,
+            resp = HTTP.post(router.url + "/v1/completions", timeout=10,
                               json={"model": "sim-model", "prompt": f"{i} {PROMPT}", "stream": i % 2 == 1})
             assert resp.status_code == 200 and resp.headers["x-cache-router-backend"] == good.url
         assert metric(router.url, "cache_router_retries_total", reason="connect") > before
@@ -84,7 +84,7 @@ def test_connect_error_is_retried_on_another_replica() -> None:
 def test_broken_stream_ends_with_sse_error_and_is_not_retried(client: str) -> None:
     with scripted_engines(2, mode="die") as engines, \
             running_router(proxy={"client": client}, backends=[e.url for e in engines]) as router:
-        resp = httpx.post(router.url + "/v1/completions", timeout=10,
+        resp = HTTP.post(router.url + "/v1/completions", timeout=10,
                           json={"model": "sim-model", "prompt": PROMPT, "stream": True})
         assert resp.status_code == 200
         events = _events(resp.text)
@@ -101,7 +101,7 @@ def test_first_byte_timeout_retries_then_504(client: str) -> None:
             running_router(proxy={"client": client}, backends=[e.url for e in engines], timeouts={"first_byte_s": 0.3},
                            health={"interval_s": 0.2, "max_retries": 1, "breaker_failures": 50}) as router:
         t0 = time.monotonic()
-        resp = httpx.post(router.url + "/v1/completions", timeout=10, json={"model": "sim-model", "prompt": PROMPT})
+        resp = HTTP.post(router.url + "/v1/completions", timeout=10, json={"model": "sim-model", "prompt": PROMPT})
         assert resp.status_code == 504
         assert resp.json()["error"]["code"] == "upstream_timeout"
         assert time.monotonic() - t0 < 2.0
@@ -112,7 +112,7 @@ def test_first_byte_timeout_retries_then_504(client: str) -> None:
 def test_client_disconnect_mid_stream_cancels_upstream(client: str) -> None:
     with scripted_engines(1, mode="endless", chunk_interval_s=0.05) as (engine,), \
             running_router(proxy={"client": client}, backends=[engine.url]) as router:
-        with httpx.stream("POST", router.url + "/v1/completions", timeout=10,
+        with HTTP.stream("POST", router.url + "/v1/completions", timeout=10,
                           json={"model": "sim-model", "prompt": PROMPT, "stream": True}) as resp:
             for i, _ in enumerate(resp.iter_lines()):
                 if i >= 3:
@@ -126,7 +126,7 @@ def test_client_disconnect_mid_stream_cancels_upstream(client: str) -> None:
 def test_client_disconnect_before_first_byte_cancels_upstream() -> None:
     with scripted_engines(1, first_byte_delay_s=5.0) as (engine,), running_router(backends=[engine.url]) as router:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(router.url + "/v1/completions", timeout=httpx.Timeout(5, read=0.4),
+            HTTP.post(router.url + "/v1/completions", timeout=httpx.Timeout(5, read=0.4),
                        json={"model": "sim-model", "prompt": PROMPT, "stream": True})
         _wait_for(lambda: engine.disconnects == 1, "upstream never saw the disconnect")
         assert metric(router.url, "cache_router_requests_total", outcome="cancelled") >= 1
@@ -138,7 +138,7 @@ def test_usage_chunk_is_requested_upstream_and_stripped_unless_asked(client_asks
         body: dict[str, object] = {"model": "sim-model", "prompt": PROMPT, "stream": True}
         if client_asks:
             body["stream_options"] = {"include_usage": True}
-        resp = httpx.post(router.url + "/v1/completions", timeout=10, json=body)
+        resp = HTTP.post(router.url + "/v1/completions", timeout=10, json=body)
         events = _events(resp.text)
         assert engine.requests[0]["stream_options"] == {"include_usage": True}
         with_usage = [e for e in events if e != "[DONE]" and "usage" in orjson.loads(e)]
@@ -149,12 +149,12 @@ def test_usage_chunk_is_requested_upstream_and_stripped_unless_asked(client_asks
 def test_no_healthy_replica_is_503_with_retry_after() -> None:
     dead = "http://127.0.0.1:9"  # discard port: nothing listens
     with running_router(backends=[{"url": dead, "models": ["sim-model"]}], wait_ready=False) as router:
-        assert httpx.get(router.url + "/ready").status_code == 503
-        resp = httpx.post(router.url + "/v1/completions", json={"model": "sim-model", "prompt": "hi"})
+        assert HTTP.get(router.url + "/ready").status_code == 503
+        resp = HTTP.post(router.url + "/v1/completions", json={"model": "sim-model", "prompt": "hi"})
         assert resp.status_code == 503
         assert int(resp.headers["retry-after"]) >= 1
         assert resp.json()["error"]["type"] == "service_unavailable"
-        assert httpx.get(router.url + "/health").status_code == 200
+        assert HTTP.get(router.url + "/health").status_code == 200
 
 
 def _wait_for(cond: object, message: str, timeout: float = 5.0) -> None:
@@ -170,7 +170,7 @@ def test_idle_stream_is_cut_with_an_sse_error() -> None:
     with scripted_engines(1, chunks=3, chunk_interval_s=1.5) as (engine,), \
             running_router(backends=[engine.url], timeouts={"idle_s": 0.3}) as router:
         t0 = time.monotonic()
-        resp = httpx.post(router.url + "/v1/completions", timeout=10,
+        resp = HTTP.post(router.url + "/v1/completions", timeout=10,
                           json={"model": "sim-model", "prompt": PROMPT, "stream": True})
         events = _events(resp.text)
         assert time.monotonic() - t0 < 1.4  # cut at the idle deadline, not after the slow chunk
@@ -183,7 +183,7 @@ def test_one_decision_log_line_per_request_without_prompt(caplog: pytest.LogCapt
     with scripted_engines(1) as (engine,), running_router(backends=[engine.url]) as router:
         caplog.set_level("INFO", logger="cache_router.decision")
         for stream in (False, True):
-            httpx.post(router.url + "/v1/completions", timeout=10,
+            HTTP.post(router.url + "/v1/completions", timeout=10,
                        json={"model": "sim-model", "prompt": secret, "stream": stream})
         _wait_for(lambda: len([r for r in caplog.records if r.name == "cache_router.decision"]) == 2, "no log")
     lines = [orjson.loads(r.getMessage()) for r in caplog.records if r.name == "cache_router.decision"]

@@ -7,13 +7,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
 from loadtest.engine import SimFleet
 from tests.conftest import SIM_MODEL
-from tests.support.router import metric, running_router
+from tests.support.router import HTTP, metric, running_router
 from tests.support.servers import UvicornThread
 
 SYSTEM = "You are a careful assistant who answers questions about the shipping manifest. " * 6
@@ -31,7 +30,7 @@ def pair() -> Iterator[tuple[SimFleet, UvicornThread]]:
 
 
 def _debug(router: UvicornThread, body: dict[str, Any]) -> dict[str, Any]:
-    resp = httpx.post(router.url + "/debug/route", json=body, timeout=10)
+    resp = HTTP.post(router.url + "/debug/route", json=body, timeout=10)
     assert resp.status_code == 200, resp.text
     return resp.json()  # type: ignore[no-any-return]
 
@@ -68,7 +67,7 @@ def test_prediction_matches_engine_cached_tokens_and_debug_route_is_dry(
         pair: tuple[SimFleet, UvicornThread]) -> None:
     fleet, router = pair
     body = {"model": "sim-model", "prompt": SYSTEM + "Unique question 7?", "max_tokens": 4}
-    first = httpx.post(router.url + "/v1/completions", json=body, timeout=10)
+    first = HTTP.post(router.url + "/v1/completions", json=body, timeout=10)
     holder = first.headers["x-cache-router-backend"]
     requests_before = sum(fleet.stats(i)["requests"] for i in range(2))
 
@@ -81,7 +80,7 @@ def test_prediction_matches_engine_cached_tokens_and_debug_route_is_dry(
     assert plan["approximate"] is False and plan["index_available"] is True
 
     cached_before = metric(router.url, "cache_router_engine_cached_tokens_total")
-    again = httpx.post(router.url + "/v1/completions", json=body, timeout=10)
+    again = HTTP.post(router.url + "/v1/completions", json=body, timeout=10)
     assert again.headers["x-cache-router-backend"] == holder
     predicted = int(again.headers["x-cache-router-matched-tokens"])
     assert predicted == plan["cacheable_tokens"]
@@ -92,14 +91,14 @@ def test_prediction_matches_engine_cached_tokens_and_debug_route_is_dry(
 def test_stale_hit_after_engine_reset_drops_entries(pair: tuple[SimFleet, UvicornThread]) -> None:
     fleet, router = pair
     body = {"model": "sim-model", "prompt": SYSTEM + "Stale question?", "max_tokens": 4, "stream": True}
-    httpx.post(router.url + "/v1/completions", json=body, timeout=10)
+    HTTP.post(router.url + "/v1/completions", json=body, timeout=10)
     holder = _debug(router, body)["pick"]["backend"]
     i = fleet.urls.index(holder)
     assert fleet.reset_prefix_cache(i)
 
     stale_before = metric(router.url, "cache_router_stale_hits_total", backend=holder)
     index_lost_before = metric(router.url, "cache_router_lost_savings_tokens_total", cause="index")
-    resp = httpx.post(router.url + "/v1/completions", json=body, timeout=10)
+    resp = HTTP.post(router.url + "/v1/completions", json=body, timeout=10)
     assert resp.headers["x-cache-router-backend"] == holder
     predicted = int(resp.headers["x-cache-router-matched-tokens"])
     assert predicted > 0
@@ -113,7 +112,7 @@ def test_stale_hit_after_engine_reset_drops_entries(pair: tuple[SimFleet, Uvicor
 def test_engine_restart_clears_its_index_entries() -> None:
     with SimFleet(1, block_size=16) as fleet, _router(fleet) as router:
         body = {"model": "sim-model", "prompt": SYSTEM + "Restart?", "max_tokens": 4}
-        httpx.post(router.url + "/v1/completions", json=body, timeout=10)
+        HTTP.post(router.url + "/v1/completions", json=body, timeout=10)
         assert _debug(router, body)["replicas"][0]["matched_tokens"] > 0
         time.sleep(0.5)  # let the fleet scrape the engine's counters once before they go back to 0
         fleet.restart(0)
@@ -124,7 +123,7 @@ def test_approximate_mode_without_tokenizer_still_keeps_affinity() -> None:
     with SimFleet(2, block_size=16) as fleet, \
             running_router(backends=fleet.urls, scheduling={"metrics_interval_s": 0.2}) as router:
         body = {"model": "sim-model", "prompt": SYSTEM + "Approximate?", "max_tokens": 4}
-        first = httpx.post(router.url + "/v1/completions", json=body, timeout=10)
+        first = HTTP.post(router.url + "/v1/completions", json=body, timeout=10)
         plan = _debug(router, body)
         assert plan["approximate"] is True
         assert plan["pick"]["backend"] == first.headers["x-cache-router-backend"]
@@ -150,7 +149,7 @@ def test_precise_mode_events_confirm_route_time_entries() -> None:
                             index={"speculative_ttl_s": 0.3, "selfcheck": False}) as router:
             time.sleep(0.5)  # the SUB socket joins before the engine publishes (ZMQ slow joiner)
             body = {"model": "sim-model", "prompt": SYSTEM + "Precise?", "max_tokens": 4}
-            assert httpx.post(router.url + "/v1/completions", json=body, timeout=10).status_code == 200
+            assert HTTP.post(router.url + "/v1/completions", json=body, timeout=10).status_code == 200
             time.sleep(0.8)  # past the speculative TTL
             plan = _debug(router, body)
             assert plan["replicas"][0]["matched_tokens"] == plan["cacheable_tokens"] > 0
@@ -165,14 +164,14 @@ def test_lora_adapter_is_its_own_namespace_and_experiment_arm_is_labelled() -> N
         decided = metric(router.url, "cache_router_decisions_total", arm="baseline", reason="least_load")
         served = metric(router.url, "cache_router_requests_total", arm="baseline", outcome="ok",
                         model="support-adapter")
-        models = {m["id"] for m in httpx.get(router.url + "/v1/models").json()["data"]}
+        models = {m["id"] for m in HTTP.get(router.url + "/v1/models").json()["data"]}
         assert models == {"sim-model", "support-adapter"}
         base = {"model": "sim-model", "prompt": SYSTEM + "LoRA?", "max_tokens": 2}
         adapter = {**base, "model": "support-adapter"}
-        assert httpx.post(router.url + "/v1/completions", json=base, timeout=10).status_code == 200
+        assert HTTP.post(router.url + "/v1/completions", json=base, timeout=10).status_code == 200
         assert _debug(router, base)["replicas"][0]["matched_tokens"] > 0
         assert _debug(router, adapter)["replicas"][0]["matched_tokens"] == 0  # same text, other adapter
-        resp = httpx.post(router.url + "/v1/completions", json=adapter, timeout=10)
+        resp = HTTP.post(router.url + "/v1/completions", json=adapter, timeout=10)
         assert resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # the engine agrees
         assert metric(router.url, "cache_router_decisions_total", arm="baseline", reason="least_load") == decided + 2
         assert metric(router.url, "cache_router_requests_total", arm="baseline", outcome="ok",
