@@ -4,22 +4,23 @@ All keys start with the configured namespace (``index.namespace``), so deploymen
 tests can share one Redis. Keys hold only block hashes, replica ids and times, never
 prompt text.
 
-Layout (``ns`` = namespace, ``R`` = a replica id, i.e. its base URL):
+Layout (``ns`` = namespace, ``R`` = a replica id, i.e. its base URL, ``D`` = the first 12 hex digits
+of xxh64("ns|R"), the replica's Redis Cluster hash tag):
 
 ``ns:replicas``            set of replica ids that have (or had) entries: lookups and
                            ``sizes()`` walk it instead of scanning the keyspace.
-``ns:r:{ns|R}:held``       hash, field = 8-byte big-endian block key, value = expiry in
+``ns:r:{D}:R:held``       hash, field = 8-byte big-endian block key, value = expiry in
                            Redis-server milliseconds, ``0`` = confirmed (never expires).
                            Lookups read only this.
-``ns:r:{ns|R}:lru``        sorted set, same members, score = the replica's recency counter
+``ns:r:{D}:R:lru``        sorted set, same members, score = the replica's recency counter
                            (higher = more recently used): capacity trimming reads it.
-``ns:r:{ns|R}:exp``        sorted set of the TTL'd entries only, score = expiry ms:
+``ns:r:{D}:R:exp``        sorted set of the TTL'd entries only, score = expiry ms:
                            ``purge_expired`` reads it instead of walking every entry.
-``ns:r:{ns|R}:meta``       hash: ``seq`` (the recency counter), ``cap`` (capacity in blocks).
+``ns:r:{D}:R:meta``       hash: ``seq`` (the recency counter), ``cap`` (capacity in blocks).
 ``ns:load:{ns|load}``      hash of shared in-flight counts, field ``router|backend`` ->
                            ``count|expiry_ms`` (``router.fleet.shared_load``).
 
-The ``{...}`` part is the Redis Cluster hash tag: a replica's four keys share a slot,
+The ``{D}`` part is the Redis Cluster hash tag: a replica's four keys share a slot,
 so every write to one replica is a single atomic Lua call on one node, and clearing it
 deletes three keys (meta, the capacity, stays). Why per replica and not per chain is explained in
 ``router.index.redis``.
@@ -27,8 +28,11 @@ deletes three keys (meta, the capacity, stays). Why per replica and not per chai
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Sequence
+
+import xxhash
 
 from router.types import BackendId, BlockKey
 
@@ -59,8 +63,13 @@ def replicas(ns: str) -> str:
     return f"{ns}:replicas"
 
 
+@functools.lru_cache(maxsize=4096)
 def _tag(ns: str, replica: str) -> str:
-    return f"{ns}:r:{{{ns}|{replica}}}"
+    # The hash tag is a digest, not the replica id itself: CRC16 of near-identical ids
+    # (http://10.0.0.1:8000, http://10.0.0.2:8000, ...) lands in neighbouring slots, so a
+    # whole fleet could sit on one master. The id follows, outside the tag, for humans.
+    digest = xxhash.xxh64_hexdigest(f"{ns}|{replica}".encode())[:12]
+    return f"{ns}:r:{{{digest}}}:{replica}"
 
 
 def replica_lru(ns: str, replica: BackendId) -> str:

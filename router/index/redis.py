@@ -54,6 +54,10 @@ first recorded by another router shows up within this, and a lookup re-asks at o
 the list changed, so no entry is missed; larger would hammer the registry's node less."""
 
 
+CLUSTER_INIT_S = 2.0
+"""Bound on discovering a Cluster's slots (a few round trips to each node)."""
+
+
 def _lua(name: str) -> str:
     return resources.files("router.index").joinpath(f"lua/{name}.lua").read_text()
 
@@ -88,6 +92,7 @@ class RedisBlockIndex:
         self._replicas_at = 0.0
         self._caps: dict[BackendId, int | None] = {}  # re-applied when Redis comes back empty
         self._caps_pending: set[BackendId] = set()
+        self._init: asyncio.Task[None] | None = None
         self._writes = WriteBatcher(self._flush_writes, deadline_s=self._deadline)
 
     @classmethod
@@ -191,11 +196,26 @@ class RedisBlockIndex:
         """Run one index call under the deadline; every way Redis can fail becomes IndexUnavailable."""
         try:
             async with asyncio.timeout(self._deadline):
+                if self._cluster and getattr(self._r, "_initialize", False):
+                    await self._cluster_ready()
                 return await fn()
         except IndexUnavailable:
             raise
         except FAILURES as exc:
             raise IndexUnavailable(f"redis {op} failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _cluster_ready(self) -> None:
+        """Discover the cluster's slots once, in a task of its own: it takes tens of ms, more
+        than a call's deadline, and cutting it short every time would mean it never finishes."""
+        if self._init is None or (self._init.done() and self._init.exception() is not None):
+
+            async def discover() -> None:
+                async with asyncio.timeout(CLUSTER_INIT_S):
+                    await self._r.initialize()
+
+            self._init = asyncio.get_running_loop().create_task(discover(), name="redis-cluster-init")
+            self._init.add_done_callback(lambda t: t.cancelled() or t.exception())
+        await asyncio.shield(self._init)
 
     def _know(self, replica: BackendId) -> None:
         if self._replicas is not None and replica not in self._replicas:

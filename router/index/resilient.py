@@ -32,6 +32,12 @@ second of Redis returning, long enough that a paused Redis costs one deadline pe
 not one per request."""
 
 
+FLAP_QUIET_S = 30.0
+"""After an outage is reported, new short outages within this are counted, not logged one by one."""
+SUSTAINED_S = 1.0
+"""An outage that lasts this long is reported even inside the quiet period."""
+
+
 class ResilientIndex:
     def __init__(
         self,
@@ -49,6 +55,10 @@ class ResilientIndex:
         self._degraded_since: float | None = None
         self._retry_at = 0.0
         self._failed = 0
+        self._logged = False  # the current outage was reported
+        self._cause: IndexUnavailable | None = None
+        self._flaps = 0  # outages not reported since the last report
+        self._quiet_until = 0.0
         self._lookup_seconds = INDEX_LOOKUP_SECONDS.labels(inner.name)
 
     @property
@@ -104,12 +114,14 @@ class ResilientIndex:
             self._note_failure(op, exc)
             raise
         if self._degraded_since is not None:
-            log.info(
-                "index %s recovered after %.1fs (%d calls routed without it)",
-                self.name,
-                self._clock() - self._degraded_since,
-                self._failed,
-            )
+            if self._logged:
+                log.info(
+                    "index %s recovered after %.1fs (%d calls routed without it)",
+                    self.name,
+                    self._clock() - self._degraded_since,
+                    self._failed,
+                )
+            self._flaps += 0 if self._logged else 1
             self._degraded_since, self._failed = None, 0
             if self._metrics:
                 INDEX_DEGRADED.set(0)
@@ -120,11 +132,23 @@ class ResilientIndex:
         self._failed += 1
         if self._metrics:
             INDEX_ERRORS.labels(op).inc()
-        if exc is None:
+        if exc is not None:
+            self._retry_at = now + self._retry_after
+            if self._degraded_since is None:
+                self._degraded_since, self._logged, self._cause = now, False, exc
+                if self._metrics:
+                    INDEX_DEGRADED.set(1)
+        if self._degraded_since is None or self._logged:
             return
-        self._retry_at = now + self._retry_after
-        if self._degraded_since is None:
-            self._degraded_since = now
-            log.warning("index %s unavailable, routing without it until it answers again: %s", self.name, exc)
-            if self._metrics:
-                INDEX_DEGRADED.set(1)
+        # One warning per outage. An index that flaps (a deadline on the edge of Redis's
+        # latency) reports at most once per FLAP_QUIET_S, unless an outage lasts SUSTAINED_S.
+        if now < self._quiet_until and now - self._degraded_since < SUSTAINED_S:
+            return
+        since = f" ({self._flaps} short outages since the last report)" if self._flaps else ""
+        log.warning(
+            "index %s unavailable, routing without it until it answers again: %s%s",
+            self.name,
+            self._cause,
+            since,
+        )
+        self._logged, self._flaps, self._quiet_until = True, 0, now + FLAP_QUIET_S

@@ -26,6 +26,7 @@ from tests.support.servers import RedisServer, UvicornThread
 # A loaded 2-core CI box can take tens of ms to schedule a lookup: these tests are about sharing,
 # not the deadline (test_redis_faults covers that), so they give the index room.
 DEADLINE_MS = 200.0
+WHY: Counter[str] = Counter()  # why requests failed, printed by the tests that count failures
 GROUPS = [
     f"Group {g} shares this system prompt about warehouse {g} and its shipping rules. " * 8 for g in range(12)
 ]
@@ -83,11 +84,13 @@ async def _load(
             body = {"model": "sim-model", "prompt": rng.choice(GROUPS) + f"question {i}?", "max_tokens": 2}
             try:
                 r = await client.post(urls[i % len(urls)] + "/v1/completions", json=body, timeout=20)
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
                 failed += 1
+                WHY[type(exc).__name__] += 1
                 continue
             if r.status_code != 200:
                 failed += 1
+                WHY[f"{r.status_code} {r.text[:120]}"] += 1
                 continue
             per_backend[r.headers["x-cache-router-backend"]] += 1
             usage = r.json()["usage"]
@@ -142,7 +145,7 @@ def test_two_routers_under_load_stay_balanced_and_hit(
     ratio = max(counts) / mean
     print(
         f"\ntwo routers, 240 requests, 12 prefixes: per replica {counts}, max/mean {ratio:.2f}, "
-        f"hit rate {cached / prompt:.2f}, failed {failed}"
+        f"hit rate {cached / prompt:.2f}, failed {failed} {dict(WHY)}"
     )
     assert failed == 0
     assert min(counts) > 0 and ratio < 2.0
