@@ -11,6 +11,7 @@ replica died after the first byte: the documented outcome), and as *failed* othe
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import threading
 import time
@@ -107,20 +108,19 @@ async def run_load(urls: list[str], n: int, concurrency: int, *, stream_share: f
     """``n`` requests (or until ``stop`` is set), prompts sharing 16 prefixes with unique tails."""
     rng = random.Random(seed)
     t = tally if tally is not None else Tally()
-    sem = asyncio.Semaphore(concurrency)
+    counter = itertools.count()
     limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency)
 
-    async def one(i: int, client: httpx.AsyncClient) -> None:
-        async with sem:
-            if stop is not None and stop.is_set():
-                return
+    async def worker(client: httpx.AsyncClient) -> None:
+        # ``concurrency`` workers pull request numbers: no coroutine per request up front.
+        while (i := next(counter)) < n and not (stop is not None and stop.is_set()):
             body = {"model": "sim-model", "prompt": rng.choice(PREFIXES) + f"question {seed}-{i}?",
                     "max_tokens": max_tokens, "ignore_eos": True, "stream": rng.random() < stream_share}
             await _one(client, urls[i % len(urls)], body, hang_s, t)
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(hang_s + 5), limits=limits, trust_env=False,
                                  headers=headers) as client:
-        await asyncio.gather(*(one(i, client) for i in range(n)))
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     return t
 
 
