@@ -42,6 +42,10 @@ DEADLINE_S = 0.05
 that a paused Redis never delays the next refresh by much."""
 
 
+GOODBYE_S = 1.0
+"""Shutdown is off every request's path: the goodbye may take longer than a refresh."""
+
+
 def default_router_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}".replace("|", "_")
 
@@ -99,7 +103,7 @@ class SharedLoad:
             self._task = None
         if self._published:  # leave cleanly: the others stop counting us at once
             with contextlib.suppress(*FAILURES):
-                async with asyncio.timeout(self._deadline):
+                async with asyncio.timeout(max(self._deadline, GOODBYE_S)):
                     await self._r.hdel(self._key, *(f"{self.router_id}|{b}" for b in self._published))
         await self._r.aclose()
 
