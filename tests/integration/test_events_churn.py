@@ -70,7 +70,9 @@ async def run_mode(precise: bool, model_dir: Path, bodies: list[dict[str, Any]])
                     else {"url": s.url} for s in sims.specs]
         index = {"selfcheck": False, "mode": "auto" if precise else "approximate"}
         before, removed_before = stale_total(), removed_total()
-        with running_router(backends=backends, tokenizer=str(model_dir), index=index) as router:
+        # patient health checks: a loaded CI machine must not take replicas out mid-run
+        health = {"interval_s": 0.5, "timeout_s": 5.0, "failure_threshold": 3}
+        with running_router(backends=backends, tokenizer=str(model_dir), index=index, health=health) as router:
             ok, prompt, cached = await drive(router.url, bodies)
         stale = stale_total() - before
     return {"requests": ok, "stale": stale, "stale_rate": stale / max(ok, 1), "hit_rate": cached / max(prompt, 1),

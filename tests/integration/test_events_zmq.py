@@ -66,7 +66,7 @@ def metric(counter: Any, *labels: str) -> float:
     return float(counter.labels(*labels)._value.get())
 
 
-async def until(cond: Callable[[], Any], within_s: float = 5.0) -> None:
+async def until(cond: Callable[[], Any], within_s: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + within_s
     while True:
         result = cond()
