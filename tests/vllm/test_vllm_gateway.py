@@ -30,7 +30,7 @@ from tests.vllm.engine import BLOCK_SIZE, SERVED_MODEL, VllmEngine
 from tests.vllm.prediction import Words
 from tests.vllm.sync import EngineSync, ingest_of
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(480)]  # engine start-up counts in the first test
 
 ADMIN_TOKEN = "vllm-test-admin"
 
@@ -164,6 +164,32 @@ def test_completions_through_the_router(via_router: RouterClient, words: Words) 
     via_router.completion("salt x again", a, salt="x")
     via_router.assert_all_match()
     assert [h.cached for h in via_router.hops] == [0, 96, 96, 96, 128, 0, 64, 0, 0, 96], via_router.table()
+
+
+def test_stream_without_usage_still_feeds_back_cached_tokens(via_router: RouterClient, words: Words) -> None:
+    """The client asks for no usage: the router asks the engine for it, reads cached_tokens, strips it."""
+    prompt = words.text(110)
+    via_router.completion("first", prompt)
+    labels = {"model": SERVED_MODEL, "arm": "main"}
+    before = REGISTRY.get_sample_value("cache_router_engine_cached_tokens_total", labels) or 0.0
+    # httpx reads the stream to its end. (The sync openai client closes the connection right after
+    # [DONE]; the router then sometimes skips its feedback: reported to the gateway.)
+    body = {"model": SERVED_MODEL, "prompt": prompt, "max_tokens": 1, "stream": True}
+    with via_router.http.stream("POST", "/v1/completions", json=body) as response:
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        predicted = int(response.headers["x-cache-router-matched-tokens"])
+    assert events[-1] == "data: [DONE]"
+    assert not any('"cached_tokens"' in e for e in events), "usage leaked to a client that did not ask"
+    assert predicted == 96
+    deadline = time.monotonic() + 5.0  # the router's feedback runs as the stream ends
+    while (
+        REGISTRY.get_sample_value("cache_router_engine_cached_tokens_total", labels) or 0.0
+    ) - before < predicted:
+        assert time.monotonic() < deadline, "the router never read the engine's cached_tokens from the stream"
+        time.sleep(0.05)
+    assert (
+        REGISTRY.get_sample_value("cache_router_engine_cached_tokens_total", labels) or 0.0
+    ) - before == predicted
 
 
 def test_chat_through_the_router(via_router: RouterClient, words: Words) -> None:
