@@ -1,6 +1,7 @@
 """``create_app(config)``: the routes, and a lifespan that starts and stops every part.
 
-Start order: index, fleet (one probe round so the router is ready before traffic),
+Start order: index, fleet, discovery (its first list; then one probe round so the router is
+ready before traffic),
 scheduler, KV-event ingest (when any replica has events configured), the shared HTTP
 client, the index-size task. Stop order is the reverse. Nothing starts at import.
 
@@ -24,6 +25,7 @@ from router.api import routes
 from router.api.errors import http_exception, unhandled
 from router.config import RouterConfig
 from router.events.ingest import EventIngest
+from router.fleet.discovery import Discovery
 from router.fleet.registry import Fleet
 from router.index import factory
 from router.index.base import BlockIndex, IndexUnavailable
@@ -39,6 +41,9 @@ log = logging.getLogger("cache_router.app")
 
 INDEX_SIZES_INTERVAL_S = 5.0
 """How often expired entries are purged and index sizes exported: a dashboard refresh."""
+DISCOVERY_SYNC_S = 10.0
+"""How long start-up waits for discovery's first full list: long enough for a slow API server,
+short enough that a liveness probe does not kill a router whose API server is down."""
 
 
 def make_index(config: RouterConfig) -> BlockIndex:
@@ -50,7 +55,8 @@ def make_index(config: RouterConfig) -> BlockIndex:
 
 def make_ingest(config: RouterConfig, index: BlockIndex, fleet: Fleet) -> EventIngest | None:
     """KV-event ingest when any replica has events configured (precise mode); else None."""
-    wanted = config.kv_events_bind is not None or any(b.kv_events or b.kv_topic for b in config.backends)
+    wanted = (config.kv_events_bind is not None or config.discovery.kv_events_port is not None
+              or any(b.kv_events or b.kv_topic for b in config.backends))
     if not wanted or config.index.mode == "approximate":
         return None
     return EventIngest(config, index, fleet)
@@ -107,6 +113,10 @@ def create_app(config: RouterConfig) -> Starlette:
                 with contextlib.suppress(IndexUnavailable):
                     await index.set_capacity(b.id, blocks)
         await fleet.start()
+        discovery = Discovery(config, fleet)
+        await discovery.start()
+        with contextlib.suppress(TimeoutError):  # serve what is known; discovery keeps filling in
+            await asyncio.wait_for(discovery.synced.wait(), DISCOVERY_SYNC_S)
         await fleet.probe_all()
         scheduler = Scheduler(config.scheduling, config.policy, random.Random())
         ingest = make_ingest(config, index, fleet)
@@ -126,6 +136,7 @@ def create_app(config: RouterConfig) -> Starlette:
             with contextlib.suppress(asyncio.CancelledError):
                 await sizes
             await pipeline.drain()
+            await discovery.stop()
             if ingest is not None:
                 await ingest.stop()
             await fleet.stop()
