@@ -63,6 +63,21 @@ def engine_http(vllm_engine: VllmEngine) -> Iterator[httpx.Client]:
         yield client
 
 
+VLLM_TEST_TIMEOUT_S = 480
+"""Whichever vllm test runs first pays the engine's start-up (up to engine.STARTUP_TIMEOUT_S)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if item.get_closest_marker("vllm") is None or here not in item.path.parents:
+            continue
+        marker = item.get_closest_marker("timeout")
+        current = float(marker.args[0]) if marker is not None and marker.args else 0.0
+        if current < VLLM_TEST_TIMEOUT_S:
+            item.add_marker(pytest.mark.timeout(VLLM_TEST_TIMEOUT_S), append=False)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _startups:
         figures = ", ".join(f"{kind} {seconds:.1f} s" for kind, seconds in _startups)

@@ -39,7 +39,7 @@ from tests.vllm.engine import BLOCK_SIZE, SERVED_MODEL, VllmEngine
 from tests.vllm.exchange import Exchange
 from tests.vllm.prediction import KeyPredictor, Words
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(480)]  # engine start-up counts in the first test
+pytestmark = pytest.mark.vllm
 
 SETTLE_TIMEOUT_S = 15.0
 QUIET_S = 0.1  # the engine publishes a step's events from its own thread, just after answering

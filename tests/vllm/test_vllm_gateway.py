@@ -30,7 +30,7 @@ from tests.vllm.engine import BLOCK_SIZE, SERVED_MODEL, VllmEngine
 from tests.vllm.prediction import Words
 from tests.vllm.sync import EngineSync, ingest_of
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(480)]  # engine start-up counts in the first test
+pytestmark = pytest.mark.vllm
 
 ADMIN_TOKEN = "vllm-test-admin"
 

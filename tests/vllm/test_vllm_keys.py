@@ -23,7 +23,7 @@ from tests.vllm.engine import BLOCK_SIZE, SERVED_MODEL, VllmEngine
 from tests.vllm.exchange import Exchange
 from tests.vllm.prediction import KeyPredictor, Words
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(480)]  # engine start-up counts in the first test
+pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture
