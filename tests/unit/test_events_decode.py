@@ -70,7 +70,7 @@ def same(a: BlockStored, b: BlockStored) -> bool:
 
 
 @given(stored(), st.floats(min_value=0, max_value=2e9), st.sampled_from(["array3", "array2", "map"]))
-@settings(max_examples=120, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_every_encoding_of_block_stored_decodes(ev: Any, ts: float, envelope: str) -> None:
     as_map, positional, (expected_map, expected_pos) = ev
     events = [as_map, positional]
@@ -93,6 +93,7 @@ def test_every_encoding_of_block_stored_decodes(ev: Any, ts: float, envelope: st
 
 
 @given(st.lists(hashes, max_size=5), media)
+@settings(deadline=None)
 def test_removed_and_cleared_both_encodings(hs: list[Any], medium: str | None) -> None:
     payload = msgspec.msgpack.encode([1.5, [
         {"type": "BlockRemoved", "block_hashes": hs, "medium": medium, "group_idx": 0},
@@ -113,7 +114,7 @@ def test_hashes_above_2_63_and_signed_view_are_the_same_id() -> None:
 
 
 @given(st.binary(max_size=200))
-@settings(max_examples=250)
+@settings(max_examples=250, deadline=None)
 def test_random_bytes_raise_only_decode_error(data: bytes) -> None:
     try:
         assert isinstance(decode_payload(data), EventBatch)
@@ -122,7 +123,7 @@ def test_random_bytes_raise_only_decode_error(data: bytes) -> None:
 
 
 @given(json_like)
-@settings(max_examples=250)
+@settings(max_examples=250, deadline=None)
 def test_random_msgpack_raises_only_decode_error(value: Any) -> None:
     for decode in (decode_payload, decode_payload_defensively):
         try:
@@ -133,7 +134,7 @@ def test_random_msgpack_raises_only_decode_error(value: Any) -> None:
 
 @given(st.lists(st.one_of(json_like, st.sampled_from(["BlockStored", "BlockRemoved", "AllBlocksCleared"])),
                 max_size=9), st.sampled_from(["BlockStored", "BlockRemoved"]))
-@settings(max_examples=120, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_mangled_events_raise_only_decode_error(fields: list[Any], kind: str) -> None:
     for event in ([kind, *fields], {"type": kind, **{str(i): f for i, f in enumerate(fields)}}):
         try:
@@ -143,6 +144,7 @@ def test_mangled_events_raise_only_decode_error(fields: list[Any], kind: str) ->
 
 
 @given(st.lists(st.binary(max_size=12), max_size=5))
+@settings(deadline=None)
 def test_random_frames_raise_only_decode_error(frames: list[bytes]) -> None:
     try:
         decode_message(frames)
