@@ -17,7 +17,7 @@ of xxh64("ns|R"), the replica's Redis Cluster hash tag):
 ``ns:r:{D}:R:exp``        sorted set of the TTL'd entries only, score = expiry ms:
                            ``purge_expired`` reads it instead of walking every entry.
 ``ns:r:{D}:R:meta``       hash: ``seq`` (the recency counter), ``cap`` (capacity in blocks).
-``ns:load:{ns|load}``      hash of shared in-flight counts, field ``router|backend`` ->
+``ns:load:{ns|load}``   hash of shared in-flight counts, field ``router|backend`` ->
                            ``count|expiry_ms`` (``router.fleet.shared_load``).
 
 The ``{D}`` part is the Redis Cluster hash tag: a replica's four keys share a slot,
