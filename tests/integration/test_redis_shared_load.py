@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
+from router.config import RouterConfig
 from router.fleet.backend import Backend
+from router.fleet.registry import Fleet
 from router.fleet.shared_load import SharedLoad
 from router.types import BackendId
 from tests.support.servers import RedisServer
@@ -110,3 +112,35 @@ async def test_fail_open_when_redis_dies(own_redis: RedisServer, namespace: str)
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_two_fleets_see_each_others_in_flight_in_their_candidates(
+    redis_server: RedisServer, namespace: str
+) -> None:
+    # what the scheduler reads: Fleet.candidates() adds the other routers' counts to its own
+    cfg = RouterConfig.model_validate(
+        {
+            "redis_url": redis_server.url,
+            "index": {"namespace": namespace},
+            "backends": [{"url": X, "models": ["m"]}, {"url": Y, "models": ["m"]}],
+        }
+    )
+    one, two = Fleet(cfg), Fleet(cfg)
+    share_one, share_two = (
+        SharedLoad.from_config(cfg, one.backends),
+        SharedLoad.from_config(cfg, two.backends),
+    )
+    assert share_one is not None and share_two is not None
+    try:
+        one.acquire(X)
+        one.acquire(X)
+        two.acquire(Y)
+        assert await share_one.sync_once() and await share_two.sync_once() and await share_one.sync_once()
+        in_flight = {c.id: c.in_flight for c in one.candidates("m", {})}
+        assert in_flight == {X: 2, Y: 1}
+        in_flight = {c.id: c.in_flight for c in two.candidates("m", {})}
+        assert in_flight == {X: 2, Y: 1}
+    finally:
+        await share_one.stop()
+        await share_two.stop()
+    assert SharedLoad.from_config(RouterConfig(), one.backends) is None  # no Redis, nothing to share
