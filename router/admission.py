@@ -12,6 +12,7 @@ This module owns waiting; it refuses to own choosing (the scheduler) or counting
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from router import metrics
@@ -48,11 +49,11 @@ class AdmissionQueue:
         if remaining <= 0:
             metrics.REJECTED.labels("deadline").inc()
             raise Overloaded("no replica had a free slot before the queue deadline", retry_after=1.0)
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 0.5))
-            except TimeoutError:
-                pass  # re-check: slots also free up through other routers or health changes
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel (a client that
+        # left) arriving just as the condition is notified.
+        with contextlib.suppress(TimeoutError):  # re-check: slots also free up through other routers
+            async with asyncio.timeout(min(remaining, 0.5)), self._changed:
+                await self._changed.wait()
 
     def notify(self) -> None:
         """A slot was released somewhere: wake the waiters to try again."""

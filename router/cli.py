@@ -2,6 +2,11 @@
 
 Flags override the config file; the merged config is validated once (unknown keys are
 errors). ``serve`` runs uvicorn with uvloop and httptools, the fastest pairing measured.
+
+Containers configure the router through the environment as well: ``CACHE_ROUTER_CONFIG``
+(the config file's path, when ``--config`` is not given) and ``CACHE_ROUTER_REDIS_URL``
+(the index, when ``--redis-url`` is not given: a Secret's value never goes on a command line).
+Precedence: flag, then environment, then file.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import os
 import signal
 import sys
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from router.config import ConfigError, RouterConfig, load_config
 
@@ -40,12 +46,25 @@ def _parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     overrides: dict[str, Any] = {
         "host": args.host, "port": args.port, "tokenizer": args.tokenizer, "block_size": args.block_size,
-        "policy": args.policy, "redis_url": args.redis_url, "log_level": args.log_level,
-        "workers": args.workers,
+        "policy": args.policy, "redis_url": args.redis_url or os.environ.get(REDIS_URL_ENV) or None,
+        "log_level": args.log_level, "workers": args.workers,
     }
     if args.backend:
         overrides["backends"] = [{"url": u} for u in args.backend]
-    return load_config(args.config, **overrides)
+    return load_config(args.config or os.environ.get(CONFIG_ENV) or None, **overrides)
+
+
+CONFIG_ENV = "CACHE_ROUTER_CONFIG"
+REDIS_URL_ENV = "CACHE_ROUTER_REDIS_URL"
+
+
+def redacted(url: str) -> str:
+    """A URL with its password replaced, for logs and summaries."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def summary(config: RouterConfig) -> str:
@@ -54,7 +73,7 @@ def summary(config: RouterConfig) -> str:
         f"policy     {config.policy}",
         f"tokenizer  {config.tokenizer or '(none: approximate character mode)'}",
         f"block size {config.block_size}",
-        f"index      {'redis ' + config.redis_url if config.redis_url else 'in-process'}",
+        f"index      {'redis ' + redacted(config.redis_url) if config.redis_url else 'in-process'}",
         f"backends   {len(config.backends)}",
     ]
     lines += [f"  - {b.url}" + (f" models={','.join(b.models)}" if b.models else "") for b in config.backends]

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import SIM_MODEL
 from tests.support.router import HTTP, scripted_engines
@@ -71,3 +72,19 @@ def test_serve_flags_override_the_file(tmp_path: Path) -> None:
         assert "Application shutdown complete" in out
         assert '"model":"sim-model"' in out  # the decision log line is there...
         assert SECRET not in out  # ...without the prompt
+
+
+def test_environment_configures_the_router_and_secrets_stay_out_of_summaries(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from router.cli import _parser, config_from_args, redacted, summary
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("port: 9100\nbackends:\n  - url: http://127.0.0.1:9\n")
+    monkeypatch.setenv("CACHE_ROUTER_CONFIG", str(cfg))
+    monkeypatch.setenv("CACHE_ROUTER_REDIS_URL", "redis://:hunter2@redis.example:6379/0")
+    config = config_from_args(_parser().parse_args(["serve"]))
+    assert config.port == 9100 and config.redis_url == "redis://:hunter2@redis.example:6379/0"
+    assert "hunter2" not in summary(config) and "***" in summary(config)
+    flagged = config_from_args(_parser().parse_args(["serve", "--redis-url", "redis://127.0.0.1:1/0"]))
+    assert flagged.redis_url == "redis://127.0.0.1:1/0"  # a flag wins over the environment
+    assert redacted("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
