@@ -13,6 +13,7 @@ This module owns loading and rendering; it refuses to own scheduling or hashing.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -102,6 +103,9 @@ class ModelTokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelTokenizer:
+        # One text per call: the library's Rayon pool would only add a hand-off to another
+        # thread and idle threads spinning on a machine whose cores serve requests.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         root = Path(path)
         tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
         config_path = root / "tokenizer_config.json"

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from router.types import BackendId, BlockKey
 
 _NEVER = math.inf
+_GONE = -math.inf
 
 
 class MemoryBlockIndex:
@@ -30,24 +31,32 @@ class MemoryBlockIndex:
         return self.lookup_now(keys)
 
     def lookup_now(self, keys: Sequence[BlockKey]) -> dict[BackendId, int]:
+        # One dict probe per key and live replica (no set built per key): a 2k-token prompt is
+        # 125 keys and one holder in the common case, a 32k one 2000 keys.
         now = self._clock()
         runs: dict[BackendId, int] = {}
-        alive: set[BackendId] | None = None  # replicas whose run is still unbroken
-        for depth, key in enumerate(keys):
-            holders = self._holders.get(key)
+        first = self._holders.get(keys[0]) if keys else None
+        if not first:
+            return runs
+        alive = [r for r, exp in first.items() if exp > now]  # replicas whose run is unbroken
+        depth = 1
+        for i in range(1, len(keys)):
+            if not alive:
+                break
+            holders = self._holders.get(keys[i])
             if not holders:
                 break
-            present = {r for r, exp in holders.items() if exp > now}
-            if not present:
-                break
-            if alive is None:
-                alive = present
-            else:
-                alive &= present
-                if not alive:
-                    break
+            still = []
             for replica in alive:
-                runs[replica] = depth + 1
+                if holders.get(replica, _GONE) > now:
+                    still.append(replica)
+                else:
+                    runs[replica] = depth
+            alive = still
+            if alive:
+                depth += 1
+        for replica in alive:
+            runs[replica] = depth
         return runs
 
     async def record(self, replica: BackendId, keys: Sequence[BlockKey], *, ttl_s: float | None) -> None:
