@@ -102,10 +102,16 @@ class Tenancy:
         return derive_salt(self._secret, f"group\x00{group}" if group else f"tenant\x00{tenant.name}")
 
     def check_admin(self, headers: Mapping[str, str]) -> None:
-        """Admin and debug endpoints: 404 when no admin token is configured, 403 without the right one."""
+        """Admin and debug endpoints: 404 when no admin token is configured, 403 without the right one.
+
+        The token is read from ``x-admin-token``, else from ``Authorization: Bearer``."""
         if self._admin is None:
             raise NotFound("not found")
-        auth = headers.get("authorization", "")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-admin-token", "")
+        # x-admin-token first: with API keys configured, Authorization carries the tenant's key
+        # (a dry run is answered under that tenant's salt), so the admin token travels apart.
+        token = headers.get("x-admin-token")
+        if token is None:
+            auth = headers.get("authorization", "")
+            token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), self._admin.encode()):
             raise Forbidden("admin token required")

@@ -72,6 +72,12 @@ def test_admin_endpoints(tenancy: Tenancy) -> None:
         tenancy.check_admin({"authorization": "Bearer wrong"})
     with pytest.raises(NotFound):
         Tenancy(AuthConfig()).check_admin({"authorization": "Bearer adm"})
+    # Beside a tenant's API key in Authorization, the admin token travels in x-admin-token.
+    tenancy.check_admin({"authorization": "Bearer key-a", "x-admin-token": "adm"})
+    with pytest.raises(Forbidden):
+        tenancy.check_admin({"authorization": "Bearer adm", "x-admin-token": "wrong"})
+    with pytest.raises(Forbidden):
+        tenancy.check_admin({"authorization": "Bearer key-a"})
 
 
 def test_secret_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
