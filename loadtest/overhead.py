@@ -107,11 +107,12 @@ def _start(stack: contextlib.ExitStack, target: str, backend: str, proxy: str, a
     if name == "nginx":
         return proxy, None
     if name == "cache-router":
-        url, p = stack.enter_context(tg.router_proc(backend, *extra, tmp=tmp))
+        url, p = stack.enter_context(tg.router_proc(backend, *extra, tmp=tmp, config=args.router_config))
         return url, p.pid
     if name == "cache-router-redis":
         redis_url = stack.enter_context(tg.redis_proc())
-        url, p = stack.enter_context(tg.router_proc(backend, "--redis-url", redis_url, *extra, tmp=tmp))
+        url, p = stack.enter_context(tg.router_proc(backend, "--redis-url", redis_url, *extra, tmp=tmp,
+                                                    config=args.router_config))
         return url, p.pid
     if name == "sglang-router":
         started = stack.enter_context(tg.sglang_proc(backend))
@@ -177,6 +178,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--targets", default="direct,nginx,cache-router,cache-router-redis,sglang-router",
                     help="comma-separated; NAME:N runs N router workers")
     ap.add_argument("--router-arg", action="append", default=[], help="extra flag for cache-router serve")
+    ap.add_argument("--router-config", type=Path, help="YAML appended to the benchmark's router config "
+                    "(e.g. 'proxy: {client: httpx}' to compare upstream clients)")
     ap.add_argument("--quick", action="store_true",
                     help="a one-minute look: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     ap.add_argument("--install-sglang", action="store_true", help="pip install sglang-router into .venv-bench")

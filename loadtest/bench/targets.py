@@ -84,12 +84,12 @@ def nginx_proc(tmp: Path, backend_port: int, proxies: dict[int, str]) -> Iterato
 
 
 @contextmanager
-def router_proc(backend: str, *extra: str, tmp: Path) -> Iterator[tuple[str, Proc]]:
-    """cache-router serve in its own process (the benchmark's config plus ``extra`` flags)."""
+def router_proc(backend: str, *extra: str, tmp: Path, config: Path | None = None) -> Iterator[tuple[str, Proc]]:
+    """cache-router serve in its own process (the benchmark's config, then ``config``'s YAML, plus flags)."""
     port = free_port()
-    config = tmp / "router.yaml"
-    config.write_text(ROUTER_CONFIG)
-    args = [sys.executable, "-m", "router", "serve", "--config", str(config), "--host", "127.0.0.1",
+    merged = tmp / f"router-{port}.yaml"
+    merged.write_text(ROUTER_CONFIG + (config.read_text() if config is not None else ""))
+    args = [sys.executable, "-m", "router", "serve", "--config", str(merged), "--host", "127.0.0.1",
             "--port", str(port), "--backend", backend, "--tokenizer", str(MODEL_DIR), "--block-size", "16",
             "--log-level", "warning", *extra]
     with Proc(args, env=dict(os.environ)) as p:
