@@ -131,7 +131,7 @@ class RedisBlockIndex:
     async def lookup(self, keys: Sequence[BlockKey]) -> Mapping[BackendId, int]:
         if not keys:
             return {}
-        # lua: the chain as one argument; pipeline: ZMSCORE needs one argument per key
+        # lua: the chain as one argument; pipeline: HMGET needs one argument per key
         chain = K.block_members(keys) if self.lookup_mode == "pipeline" else [K.block_blob(keys)]
         return await self._bounded("lookup", lambda: self._lookup(chain))
 
@@ -188,7 +188,9 @@ class RedisBlockIndex:
                 return 0
             out = await self._pipelined([(r, ["purge"]) for r in replicas])
             empty = [r for r, (_, left) in zip(replicas, out, strict=True) if int(left) == 0]
-            if empty:  # replicas whose entries all expired (a pod long gone): lookups stop probing them
+            # replicas whose entries all expired (a pod long gone): lookups stop probing them; one
+            # recorded meanwhile by another router is put back by its next record
+            if empty:
                 await self._r.srem(K.replicas(self._ns), *empty)
             return sum(int(dropped) for dropped, _ in out)
 
