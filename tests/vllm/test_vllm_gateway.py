@@ -86,17 +86,18 @@ class RouterClient:
             usage = raw.parse().usage
         return self._hop(label, raw.headers, usage, dry)
 
-    def chat(self, label: str, messages: list[dict[str, Any]], *, stream: bool = False) -> Hop:
-        dry = self.dry_run({"model": SERVED_MODEL, "messages": messages, "max_tokens": 1})
+    def chat(self, label: str, messages: list[dict[str, Any]], *, stream: bool = False, **extra: Any) -> Hop:
+        """``extra``: vLLM's chat fields (add_generation_prompt, continue_final_message, parts...)."""
+        dry = self.dry_run({"model": SERVED_MODEL, "messages": messages, "max_tokens": 1, **extra})
         if stream:
             raw = self.client.chat.completions.with_raw_response.create(
                 model=SERVED_MODEL, messages=messages, max_tokens=1, stream=True,  # type: ignore[arg-type]
-                stream_options={"include_usage": True},
+                stream_options={"include_usage": True}, extra_body=extra,
             )  # fmt: skip
             usage = [c.usage for c in raw.parse() if c.usage is not None][-1]
         else:
             raw = self.client.chat.completions.with_raw_response.create(
-                model=SERVED_MODEL, messages=messages, max_tokens=1,  # type: ignore[arg-type]
+                model=SERVED_MODEL, messages=messages, max_tokens=1, extra_body=extra,  # type: ignore[arg-type]
             )  # fmt: skip
             usage = raw.parse().usage
         return self._hop(label, raw.headers, usage, dry)
@@ -204,6 +205,15 @@ def test_chat_through_the_router(via_router: RouterClient, words: Words) -> None
     other = [system, {"role": "user", "content": "Another user." + words.text(20)}]
     via_router.chat("other user, same system", other)
     via_router.chat("other user again (stream)", other, stream=True)
+    prefill = [*other, {"role": "assistant", "content": "Well," + words.text(40)}]
+    via_router.chat("prefill", prefill, add_generation_prompt=False, continue_final_message=True)
+    via_router.chat("prefill again", prefill, add_generation_prompt=False, continue_final_message=True)
+    parts = [
+        system,
+        {"role": "user", "content": [{"type": "text", "text": t} for t in ("One.", "Two.", "Three.")]},
+    ]
+    via_router.chat("content parts", parts)
+    via_router.chat("content parts again", parts)
     via_router.assert_all_match()
     assert all(h.cached > 0 for h in via_router.hops[1:]), via_router.table()
 
