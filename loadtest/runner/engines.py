@@ -64,14 +64,14 @@ def parse_metrics(text: str) -> EngineSnapshot:
 
 
 def router_backends(text: str) -> list[str]:
-    """Replica URLs a cache-router exports in its metrics (any series with a ``backend`` label)."""
+    """Replica URLs a cache-router routes to: those its ``cache_router_backend_healthy`` gauge says are up."""
     found: list[str] = []
     for family in text_string_to_metric_families(text):
-        if not family.name.startswith("cache_router_"):
+        if family.name != "cache_router_backend_healthy":
             continue
         for sample in family.samples:
             url = sample.labels.get("backend", "")
-            if url.startswith("http") and url not in found:
+            if url.startswith("http") and sample.value == 1 and url not in found:
                 found.append(url)
     return found
 

@@ -98,11 +98,7 @@ class Fleet:
         """Forget a replica; ``on_removed`` callbacks clear what others hold about it."""
         if self._replicas.pop(backend_id, None) is None:
             return
-        for gauge in (metrics.BACKEND_HEALTHY, metrics.IN_FLIGHT, metrics.CIRCUIT_OPEN,
-                      metrics.BACKEND_DRAINING, metrics.ENGINE_WAITING, metrics.ENGINE_KV_USAGE,
-                      metrics.BACKEND_RESTARTS):
-            with contextlib.suppress(KeyError):
-                gauge.remove(backend_id)
+        _forget_series(backend_id)
         log.info("fleet: removed %s", backend_id)
         await self._fire(self._on_removed, backend_id)
 
@@ -233,6 +229,8 @@ class Fleet:
             t.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=5.0)
+        for backend_id in self._replicas:  # a stopped fleet vouches for no replica
+            _forget_series(backend_id)
 
     async def probe_all(self) -> None:
         """One round of probes, then models and metrics of the healthy: for start-up readiness."""
@@ -300,3 +298,12 @@ class Fleet:
             b.capacity_blocks = sample.num_blocks
             log.info("fleet: %s holds %d blocks of %s tokens", b.id, sample.num_blocks, b.block_size)
             await self._fire(self._on_capacity, b.id, sample.num_blocks)
+
+
+def _forget_series(backend_id: BackendId) -> None:
+    """Drop a replica's per-replica series: a gone replica must not look alive on a dashboard."""
+    for gauge in (metrics.BACKEND_HEALTHY, metrics.IN_FLIGHT, metrics.CIRCUIT_OPEN,
+                  metrics.BACKEND_DRAINING, metrics.ENGINE_WAITING, metrics.ENGINE_KV_USAGE,
+                  metrics.BACKEND_RESTARTS):
+        with contextlib.suppress(KeyError):
+            gauge.remove(backend_id)

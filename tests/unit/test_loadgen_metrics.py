@@ -55,12 +55,12 @@ def test_usage_is_the_difference_between_after_and_before() -> None:
     assert (b.queries, b.requests, b.busy) == (50, 4, 0.5)
 
 
-def test_router_backends_come_from_backend_labels() -> None:
+def test_router_backends_are_the_healthy_ones() -> None:
     text = ('# TYPE cache_router_backend_healthy gauge\n'
             'cache_router_backend_healthy{backend="http://127.0.0.1:8001"} 1.0\n'
             'cache_router_backend_healthy{backend="http://127.0.0.1:8002"} 0.0\n'
             '# TYPE cache_router_in_flight gauge\ncache_router_in_flight{backend="http://127.0.0.1:8001"} 2.0\n')
-    assert router_backends(text) == ["http://127.0.0.1:8001", "http://127.0.0.1:8002"]
+    assert router_backends(text) == ["http://127.0.0.1:8001"]
 
 
 def test_balance_is_max_over_mean() -> None:
