@@ -16,6 +16,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -42,7 +43,7 @@ def engines(n: int) -> Iterator[list[SimFleet]]:
             f.stop()
 
 
-def _router(fleets: list[SimFleet], **overrides: object) -> contextlib.AbstractContextManager[UvicornThread]:
+def _router(fleets: list[SimFleet], **overrides: Any) -> contextlib.AbstractContextManager[UvicornThread]:
     return running_router(backends=[f.urls[0] for f in fleets], tokenizer=str(SIM_MODEL), block_size=16,
                           log_decisions=False, scheduling={"metrics_interval_s": 0.2}, **overrides)
 
@@ -82,7 +83,8 @@ def test_replica_sigkilled_under_load(capsys: pytest.CaptureFixture[str]) -> Non
         # Back on the same port, empty: what the index said about it must not survive.
         victim.revive()
         url = victim.urls[0]
-        backend = router.server.config.app.state.pipeline.fleet.get(url)
+        app: Any = router.server.config.app
+        backend = app.state.pipeline.fleet.get(url)
         deadline = time.monotonic() + 10
         while not backend.healthy:
             assert time.monotonic() < deadline, "the revived replica never came back"

@@ -99,7 +99,7 @@ class Target:
                 self.hung += 1
                 self.conn.close()
                 self.conn = None
-                raise AssertionError(f"no answer within 15 s: {method} {path} {body[:200]!r}") from None
+                raise AssertionError(f"no answer within 15 s: {method} {path} {(body or b'')[:200]!r}") from None
             except (ConnectionError, http.client.HTTPException):
                 # The server may close a connection after an error answer: reconnect once.
                 self.conn.close()
@@ -173,7 +173,7 @@ BATCH = 10
 examples (the engine's per-example bookkeeping dominates), and a failing batch still shrinks."""
 
 
-def _fuzz(share: str) -> Any:
+def _fuzz(share: str) -> settings:
     return settings(max_examples=max(5, round(TOTAL * SHARES[share] / BATCH)), deadline=None, database=None,
                     suppress_health_check=list(HealthCheck))
 

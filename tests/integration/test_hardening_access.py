@@ -64,7 +64,7 @@ def _plan(router: UvicornThread, tenant: str) -> dict[str, Any]:
 
 
 def _matched(plan: dict[str, Any]) -> int:
-    return max(r["matched_tokens"] for r in plan["replicas"])
+    return max(int(r["matched_tokens"]) for r in plan["replicas"])
 
 
 def test_keys_required_on_openai_endpoints_probes_and_scrapes_stay_open(

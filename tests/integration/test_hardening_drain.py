@@ -88,7 +88,7 @@ def _refused(url: str) -> bool:
 def _sigterm_mid_stream(fleet: SimFleet, tmp: Path, shutdown_s: float,
                         max_tokens: int) -> tuple[dict[str, Any], int, float, bool, str]:
     proc, url = _serve(tmp, [{"url": fleet.urls[0]}], shutdown_s)
-    first, out = threading.Event(), {}
+    first, out = threading.Event(), dict[str, Any]()
     client = threading.Thread(target=_stream, args=(url, max_tokens, first, out), name="stream")
     client.start()
     try:
@@ -135,13 +135,15 @@ def test_drain_is_bounded_by_shutdown_timeout(fleet: SimFleet, tmp_path: Path) -
 def test_replica_draining_in_config_or_at_runtime_gets_no_new_requests() -> None:
     body = {"model": "sim-model", "prompt": "who gets me? ", "max_tokens": 1}
     with SimFleet(2, block_size=16) as fleet, \
-            running_router(backends=[{"url": fleet.urls[0]}, {"url": fleet.urls[1], "draining": True}]) as router:
+            running_router(backends=[{"url": fleet.urls[0], "draining": False},
+                                     {"url": fleet.urls[1], "draining": True}]) as router:
         a, b = fleet.urls
         seen = Counter(httpx.post(router.url + "/v1/completions", json={**body, "prompt": f"q{i} " * 20},
                                   timeout=10).headers["x-cache-router-backend"] for i in range(20))
         assert seen == Counter({a: 20})
         assert fleet.stats(1)["requests"] == 0
-        fleet_state = router.server.config.app.state.pipeline.fleet
+        app: Any = router.server.config.app
+        fleet_state = app.state.pipeline.fleet
         fleet_state.set_draining(b, False)
         fleet_state.set_draining(a, True)
         seen = Counter(httpx.post(router.url + "/v1/completions", json={**body, "prompt": f"r{i} " * 20},

@@ -62,7 +62,7 @@ def _serve(tmp: Path, urls: list[str]) -> tuple[subprocess.Popen[bytes], str]:
         time.sleep(0.1)
 
 
-def _faults(fleets: list[SimFleet]) -> list[tuple[str, Callable[[], None], Callable[[], None]]]:
+def _faults(fleets: list[SimFleet]) -> list[tuple[str, Callable[[], object], Callable[[], object]]]:
     """(name, start, end) of each fault; they run one at a time, in turn."""
     def kill() -> None:
         fleets[0].kill()
@@ -96,7 +96,8 @@ def soak(tmp: Path, seconds: float) -> None:
             faults = _faults(fleets)
             injected: list[str] = []
             t0 = time.monotonic()
-            next_fault, active = t0 + 3.0, None
+            next_fault = t0 + 3.0
+            active: tuple[Callable[[], object], float] | None = None
             while time.monotonic() - t0 < seconds:
                 time.sleep(SAMPLE_S)
                 assert worker.is_alive()
