@@ -59,6 +59,8 @@ class Row:
 class Result:
     cell: Cell
     health: ProbeStats | None = None
+    liveness: ProbeStats | None = None
+    """cache-router only: /health on its liveness port (``--health-port``, answered from a thread)."""
     runs: list[Cell] = field(default_factory=list)
     cpu_us: float | None = None
     """CPU time the target's processes spent per answered request (median of the runs)."""
@@ -93,8 +95,8 @@ def _workers(target: str) -> tuple[str, int]:
     return name, int(n or 1)
 
 
-Started = tuple[str, int | None]
-"""A target's URL, and the pid whose process tree is the target (for its CPU time)."""
+Started = tuple[str, int | None, str | None]
+"""A target's URL, the pid whose process tree is the target (for its CPU time), its liveness URL."""
 
 
 def _start(stack: contextlib.ExitStack, target: str, backend: str, proxy: str, args: argparse.Namespace,
@@ -103,32 +105,41 @@ def _start(stack: contextlib.ExitStack, target: str, backend: str, proxy: str, a
     name, workers = _workers(target)
     extra = [*args.router_arg, *(["--workers", str(workers)] if workers > 1 else [])]
     if name == "direct":
-        return backend, None
+        return backend, None, None
     if name == "nginx":
-        return proxy, None
+        return proxy, None, None
     if name == "cache-router":
-        url, p = stack.enter_context(tg.router_proc(backend, *extra, tmp=tmp, config=args.router_config))
-        return url, p.pid
+        url, p, live = stack.enter_context(tg.router_proc(backend, *extra, tmp=tmp, config=args.router_config))
+        return url, p.pid, live
     if name == "cache-router-redis":
         redis_url = stack.enter_context(tg.redis_proc())
-        url, p = stack.enter_context(tg.router_proc(backend, "--redis-url", redis_url, *extra, tmp=tmp,
-                                                    config=args.router_config))
-        return url, p.pid
+        url, p, live = stack.enter_context(tg.router_proc(backend, "--redis-url", redis_url, *extra, tmp=tmp,
+                                                          config=args.router_config))
+        return url, p.pid, live
     if name == "sglang-router":
         started = stack.enter_context(tg.sglang_proc(backend))
-        return None if started is None else (started[0], started[1].pid)
+        return None if started is None else (started[0], started[1].pid, None)
     raise SystemExit(f"unknown target {target!r}")
 
 
-def _probed_run(started: Started, path: str, body: Path, args: argparse.Namespace) -> tuple[Cell, ProbeStats, float | None]:
-    """One wrk run with the /health probe loop beside it; and the target's CPU µs per request."""
-    url, pid = started
+Run = tuple[Cell, ProbeStats, float | None, ProbeStats | None]
+
+
+def _probed_run(started: Started, path: str, body: Path, args: argparse.Namespace) -> Run:
+    """One wrk run with /health probe loops beside it (main port, liveness port); and the
+    target's CPU µs per request."""
+    url, pid, live = started
     cpu0 = tree_cpu_seconds(pid) if pid is not None else None
-    with HealthProbe(url + "/health") as probe:
+    with HealthProbe(url + "/health") as probe, contextlib.ExitStack() as stack:
+        live_probe = stack.enter_context(HealthProbe(live)) if live is not None else None
         cell = run_wrk(url, path, body, connections=args.connections, duration=args.duration, threads=args.threads)
     cpu1 = tree_cpu_seconds(pid) if pid is not None else None
     cpu_us = (cpu1 - cpu0) * 1e6 / cell.requests if cpu0 is not None and cpu1 is not None and cell.requests else None
-    return cell, probe.stats(), cpu_us
+    return cell, probe.stats(), cpu_us, live_probe.stats() if live_probe is not None else None
+
+
+def _worst(stats: list[ProbeStats]) -> ProbeStats:
+    return max(stats, key=lambda h: h.p99_ms if not math.isnan(h.p99_ms) else -1)
 
 
 def _measure(rows: list[Row], targets: list[str], backend: str, proxy: str, args: argparse.Namespace,
@@ -140,9 +151,9 @@ def _measure(rows: list[Row], targets: list[str], backend: str, proxy: str, args
             body = tmp / f"row{i}.json"
             body.write_text(row.body)
 
-            for url, _ in urls.values():  # warm-up: pools, tokenizer caches, first-request costs
+            for url, _, _ in urls.values():  # warm-up: pools, tokenizer caches, first-request costs
                 run_wrk(url, row.path, body, connections=args.connections, duration=1, threads=args.threads)
-            runs: dict[str, list[tuple[Cell, ProbeStats, float | None]]] = {t: [] for t in urls}
+            runs: dict[str, list[Run]] = {t: [] for t in urls}
             routers = [t for t in urls if _workers(t)[0] in ROUTERS]
             before = {t: stage_totals(urls[t][0]) for t in routers}
             for _ in range(args.repeats):
@@ -150,16 +161,19 @@ def _measure(rows: list[Row], targets: list[str], backend: str, proxy: str, args
                     runs[t].append(_probed_run(started, row.path, body, args))
             stages = {t: stage_means_us(before[t], stage_totals(urls[t][0])) for t in routers}
             for t, rs in runs.items():
-                cells = [c for c, _, _ in rs]
-                cpus = [u for _, _, u in rs if u is not None]
+                cells = [c for c, _, _, _ in rs]
+                cpus = [u for _, _, u, _ in rs if u is not None]
                 med = Cell(statistics.median(c.rps for c in cells), statistics.median(c.p50_ms for c in cells),
                            statistics.median(c.p99_ms for c in cells), sum(c.errors for c in cells),
                            sum(c.requests for c in cells))
-                health = max((h for _, h, _ in rs), key=lambda h: h.p99_ms if not math.isnan(h.p99_ms) else -1)
-                out[row.label][t] = Result(med, health, cells, statistics.median(cpus) if cpus else None,
-                                           stages.get(t, {}))
+                health = _worst([h for _, h, _, _ in rs])
+                lives = [lv for _, _, _, lv in rs if lv is not None]
+                out[row.label][t] = Result(med, health, _worst(lives) if lives else None, cells,
+                                           statistics.median(cpus) if cpus else None, stages.get(t, {}))
                 print(f"  {row.label:32} {t:22} {med.rps:9,.0f} req/s  p50 {med.p50_ms:7.2f} ms  "
                       f"p99 {med.p99_ms:7.2f} ms  /health p99 {health.p99_ms:6.1f} ms"
+                      + (f" (liveness port {out[row.label][t].liveness.p99_ms:.1f})"  # type: ignore[union-attr]
+                         if out[row.label][t].liveness else "")
                       + (f"  CPU {statistics.median(cpus):6.0f} us/req" if cpus else ""), flush=True)
     return out
 
@@ -272,6 +286,10 @@ def print_table(results: dict[str, dict[str, Result]], targets: list[str], args:
             h = r.health if r else None
             parts.append("n/a" if h is None or h.n == 0 else f"{h.p99_ms:.1f} (max {h.max_ms:.1f})"
                          + (f" {h.failures} failed" if h.failures else ""))
+            lv = r.liveness if r else None
+            if lv is not None and lv.n:
+                parts[-1] += f"; liveness port {lv.p99_ms:.1f} (max {lv.max_ms:.1f})" + (
+                    f" {lv.failures} failed" if lv.failures else "")
         print(f"| {label} | " + " | ".join(parts) + " |")
 
 

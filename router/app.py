@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 
 from router.api import routes
 from router.api.errors import http_exception, unhandled
+from router.api.liveness import LivenessListener
 from router.config import RouterConfig
 from router.events.ingest import EventIngest
 from router.fleet.discovery import Discovery
@@ -103,6 +104,9 @@ def _wire(config: RouterConfig, index: BlockIndex, fleet: Fleet) -> None:
 def create_app(config: RouterConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        liveness = LivenessListener(config.host, config.health_port) if config.health_port is not None else None
+        if liveness is not None:
+            await liveness.start()  # first: a liveness probe during start-up gets its answer
         index = make_index(config)
         fleet = Fleet(config)
         _wire(config, index, fleet)
@@ -142,6 +146,8 @@ def create_app(config: RouterConfig) -> Starlette:
             await fleet.stop()
             await client.aclose()
             await index.close()
+            if liveness is not None:
+                await liveness.stop()
 
     return Starlette(routes=routes(), lifespan=lifespan,
                      exception_handlers={HTTPException: http_exception, Exception: unhandled})

@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--policy")
     serve.add_argument("--redis-url")
     serve.add_argument("--log-level")
+    serve.add_argument("--health-port", type=int, help="also answer GET /health here, from a thread (liveness probes)")
     serve.add_argument("--workers", type=int, help="router processes sharing the port (needs --redis-url to share the index)")
     check = sub.add_parser("check-config", help="validate a config file and print a summary")
     check.add_argument("file")
@@ -47,7 +48,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     overrides: dict[str, Any] = {
         "host": args.host, "port": args.port, "tokenizer": args.tokenizer, "block_size": args.block_size,
         "policy": args.policy, "redis_url": args.redis_url or os.environ.get(REDIS_URL_ENV) or None,
-        "log_level": args.log_level, "workers": args.workers,
+        "log_level": args.log_level, "workers": args.workers, "health_port": args.health_port,
     }
     if args.backend:
         overrides["backends"] = [{"url": u} for u in args.backend]

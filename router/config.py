@@ -212,6 +212,10 @@ class RouterConfig(_Section):
     """8 MiB holds a 128k-token prompt with room; larger bodies get 413."""
     log_level: str = "info"
     log_decisions: bool = True
+    health_port: int | None = Field(default=None, ge=0, le=65535)
+    """Also answer ``GET /health`` on this port from a thread, for liveness probes: it answers
+    while the event loop is saturated (the main port's /health waits its turn, 0.2-1.7 s on 2
+    loaded cores) and says 503 once the loop has not run for 10 s. None: main port only."""
     workers: int = Field(default=1, ge=1, le=64)
     """Router processes sharing the port (uvicorn workers). One is one core: each process has
     its own event loop and in-process state, so more than one needs ``redis_url`` for a shared

@@ -84,17 +84,18 @@ def nginx_proc(tmp: Path, backend_port: int, proxies: dict[int, str]) -> Iterato
 
 
 @contextmanager
-def router_proc(backend: str, *extra: str, tmp: Path, config: Path | None = None) -> Iterator[tuple[str, Proc]]:
-    """cache-router serve in its own process (the benchmark's config, then ``config``'s YAML, plus flags)."""
-    port = free_port()
+def router_proc(backend: str, *extra: str, tmp: Path, config: Path | None = None) -> Iterator[tuple[str, Proc, str]]:
+    """cache-router serve in its own process (the benchmark's config, then ``config``'s YAML, plus flags);
+    yields its URL, its process and the URL of its liveness port's /health (``--health-port``)."""
+    port, health_port = free_port(), free_port()
     merged = tmp / f"router-{port}.yaml"
     merged.write_text(ROUTER_CONFIG + (config.read_text() if config is not None else ""))
     args = [sys.executable, "-m", "router", "serve", "--config", str(merged), "--host", "127.0.0.1",
             "--port", str(port), "--backend", backend, "--tokenizer", str(MODEL_DIR), "--block-size", "16",
-            "--log-level", "warning", *extra]
+            "--log-level", "warning", "--health-port", str(health_port), *extra]
     with Proc(args, env=dict(os.environ)) as p:
         wait_http(f"http://127.0.0.1:{port}/ready", proc=p, timeout=60)
-        yield f"http://127.0.0.1:{port}", p
+        yield f"http://127.0.0.1:{port}", p, f"http://127.0.0.1:{health_port}/health"
 
 
 @contextmanager
