@@ -130,6 +130,7 @@ def create_app(config: RouterConfig) -> Starlette:
         pipeline = Pipeline(config, index, fleet, scheduler, PromptEncoder(config),
                             Forwarder(client, fleet, config))
         app.state.pipeline = pipeline
+        app.state.ingest = ingest
         sizes = asyncio.create_task(_run_named("index-sizes", _index_sizes(index)), name="index-sizes")
         log.info("cache-router ready: %d replicas, policy %s, index %s, %s", len(fleet.backends()),
                  config.policy, index.name, "tokenizer" if config.tokenizer else "approximate character mode")

@@ -3,8 +3,9 @@
 Owns: recording a prompt's keys for the replica it was sent to (short TTL when KV events
 will confirm them, ``index.ttl_s`` otherwise), reading the engine's cached tokens, the
 stale-hit correction (when the engine cached fewer tokens than predicted, the miss is
-charged to the index and, in approximate mode, the replica's entries past what it really
-had are dropped; in precise mode the engine's events already say what it holds), and the
+charged to the index; the engine has just recomputed and cached the whole prompt, so its
+keys are re-credited, not dropped: dropping them would make the next identical prompt a
+predicted miss that hits), and the
 lost savings per request, in tokens, by cause: ``workload`` = cacheable tokens no replica
 held, ``routing`` = what the best holder had beyond the chosen replica (the price of load
 balancing), ``index`` = predicted minus engine-reported cached, when positive.
@@ -115,11 +116,10 @@ class Feedback:
         STALE_HITS.labels(backend).inc()
         b = self.fleet.get(backend)
         if b is not None and b.precise:
-            # The engine's BlockStored for this very prompt has already re-confirmed these
-            # blocks (prefill precedes the usage); dropping them now would leave the index
-            # short of blocks the engine holds, with no event left to restore them.
-            return
-        self._spawn(self._drop(backend, g.enc.keys[cached // bs:]), "index-stale-drop")
+            return  # the engine's BlockStored for this very prompt has re-confirmed its blocks
+        # Approximate mode: the blocks past ``cached`` were gone when the request arrived and
+        # were prefilled again by it; refresh them so their TTL and recency start now.
+        self.record(backend, g.enc.keys[cached // bs:])
 
     def record(self, backend: BackendId, keys: list[BlockKey]) -> None:
         if not keys:
