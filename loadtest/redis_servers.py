@@ -83,6 +83,12 @@ class LocalRedis:
         _wait_ping(self.port)
         return self
 
+    def kill(self) -> None:
+        """SIGKILL, keeping the directory: ``start()`` brings the node back with its cluster config."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
