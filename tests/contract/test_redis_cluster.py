@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
 from loadtest.redis_servers import LocalCluster
@@ -41,7 +41,7 @@ async def test_lookup_across_all_masters(redis_cluster: str, namespace: str) -> 
         for i, r in enumerate(replicas):
             await index.record(r, ks(*range(1, 2 + i * 5)), ttl_s=None)
         client: RedisCluster = index.client
-        nodes = {client.get_node_from_key(K.replica_lru(namespace, r)).name for r in replicas}
+        nodes = {_node(client, K.replica_lru(namespace, r)).name for r in replicas}
         assert len(nodes) == 3  # digest tags spread them (all 24 on two of three masters: p < 2e-4)
         found = await index.lookup(ks(*range(1, 200)))
         assert found == {r: 1 + i * 5 for i, r in enumerate(replicas)}
@@ -71,9 +71,7 @@ async def test_a_master_killed_then_back(namespace: str) -> None:
         node.start()  # no persistence: it comes back empty, keeping its slots (nodes.conf)
         found = await _until_ok(lambda: index.lookup(ks(1, 2)), within_s=15)
         client: RedisCluster = index.client
-        lost = {
-            r for r in replicas if client.get_node_from_key(K.replica_held(namespace, r)).port == node.port
-        }
+        lost = {r for r in replicas if _node(client, K.replica_held(namespace, r)).port == node.port}
         # the other masters kept theirs (all of them, unless the registry of replicas was on the
         # restarted master: then replicas reappear as their next record lands)
         assert found.items() <= {r: 2 for r in replicas if r not in lost}.items()
@@ -83,6 +81,12 @@ async def test_a_master_killed_then_back(namespace: str) -> None:
     finally:
         await index.close()
         cluster.stop()
+
+
+def _node(client: RedisCluster, key: str) -> ClusterNode:
+    node = client.get_node_from_key(key)
+    assert node is not None
+    return node
 
 
 async def _until_ok(call: Callable[[], Awaitable[T]], within_s: float = 5.0) -> T:

@@ -58,7 +58,7 @@ async def test_every_key_is_under_the_namespace_and_holds_no_text(
         mine = sorted(k.decode() for k in found if k.decode().startswith(namespace + ":"))
         assert mine == sorted([K.replicas(namespace), *K.replica_keys(namespace, A)])  # lru, exp, meta, held
         members = await raw.zrange(K.replica_lru(namespace, A), 0, -1)
-        assert [K.member_key(m) for m in members] == ks(1, 2, 3)  # exact 64-bit keys, oldest first
+        assert [K.member_key(m) for m in members if isinstance(m, bytes)] == ks(1, 2, 3)  # exact, oldest first
     finally:
         await index.clear_all()
         await index.close()
@@ -117,8 +117,9 @@ async def test_second_router_sees_a_replica_it_never_wrote(redis_server: RedisSe
         await reader.close()
 
 
-async def test_registry_forgets_cleared_and_expired_replicas(redis_server: RedisServer, namespace: str,
-                                                             raw: aioredis.Redis) -> None:
+async def test_registry_forgets_cleared_and_expired_replicas(
+    redis_server: RedisServer, namespace: str, raw: aioredis.Redis
+) -> None:
     # pods come and go with new addresses: the list every lookup walks must not grow forever
     index = make(redis_server, namespace)
     try:
@@ -129,7 +130,7 @@ async def test_registry_forgets_cleared_and_expired_replicas(redis_server: Redis
         assert await index.clear(gone) == 1
         await asyncio.sleep(0.1)
         assert await index.purge_expired() == 1
-        assert {m.decode() for m in await raw.smembers(K.replicas(namespace))} == {A}
+        assert {m.decode() for m in await raw.smembers(K.replicas(namespace)) if isinstance(m, bytes)} == {A}
         await index.record(B, ks(2), ttl_s=None)  # back again: registered again
         assert await index.lookup(ks(2)) == {B: 1}
     finally:
