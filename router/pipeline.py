@@ -249,12 +249,15 @@ class Pipeline:
             r.outcome = "timeout" if isinstance(exc, TimedOut) else "upstream_error"
             await send(error_event(f"the replica's stream broke after the first byte ({exc})", "stream_broken"))
         except asyncio.CancelledError:
-            r.outcome = "cancelled"
+            # A client that leaves right after [DONE] (the openai client does) got everything.
+            r.outcome = "ok" if tap.done else "cancelled"
             ok = True  # the client left; the replica did nothing wrong
             raise
         finally:
-            await asyncio.shield(self.forwarder.close(opened, ok=ok))
-            self.finish(r, opened, tap.usage)
+            try:
+                await asyncio.shield(self.forwarder.close(opened, ok=ok))
+            finally:  # a cancel landing during the close must not skip the feedback
+                self.finish(r, opened, tap.usage)
 
     # --- feedback -----------------------------------------------------------------------
 

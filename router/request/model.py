@@ -31,6 +31,10 @@ class RoutingRequest:
     prompt_ids: list[int] | None = None
     n_prompts: int = 1
     """Completions accept a batch of prompts; keys come from the first, feedback only when 1."""
+    add_special_tokens: bool | None = None
+    """vLLM's override of the default (True for completions, False for chat: the template writes BOS)."""
+    truncate_prompt_tokens: int | None = None
+    """vLLM keeps only the last k prompt tokens; the keys must be those of what the engine keeps."""
     chat_options: dict[str, Any] = field(default_factory=dict)
     """add_generation_prompt, continue_final_message, tools, chat_template_kwargs."""
     edited: bool = False

@@ -61,6 +61,17 @@ def _max_tokens(body: dict[str, Any], names: tuple[str, ...]) -> int | None:
     return None
 
 
+def _truncation(body: dict[str, Any]) -> int | None:
+    """vLLM's ``truncate_prompt_tokens``: k >= 1 keeps the last k tokens; -1 (the model's max
+    length, unknown here) and absent leave the prompt whole."""
+    v = body.get("truncate_prompt_tokens")
+    if v is None:
+        return None
+    if not _is_int(v) or v < -1 or v == 0:
+        raise _bad("'truncate_prompt_tokens' must be -1 or a positive integer", "truncate_prompt_tokens")
+    return int(v) if v > 0 else None
+
+
 def _token_list(v: list[Any], param: str) -> list[int]:
     for t in v:
         if not _is_int(t) or t < 0:
@@ -155,7 +166,9 @@ def parse_request(raw: bytes, kind: Kind) -> RoutingRequest:
     if salt is not None and (not isinstance(salt, str) or not salt):
         raise _bad("'cache_salt' must be a non-empty string", "cache_salt")
     req = RoutingRequest(kind=kind, model=model, body=body, raw=raw, stream=stream,
-                         include_usage=include_usage, cache_salt=salt)
+                         include_usage=include_usage, cache_salt=salt,
+                         add_special_tokens=_opt_bool(body, "add_special_tokens"),
+                         truncate_prompt_tokens=_truncation(body))
     if kind == "chat":
         req.messages = _messages(body)
         req.chat_options = _chat_options(body)

@@ -92,7 +92,8 @@ class PromptEncoder:
             limit = tok.vocab_size if tok is not None else MAX_TOKEN_ID + 1
             if max(req.prompt_ids) >= limit:
                 raise BadRequest(f"token ids must be below the vocabulary size {limit}", param="prompt")
-            return self._keys(req, req.prompt_ids, block_size, len(req.prompt_ids), approximate=False)
+            ids = _truncated(req, req.prompt_ids)
+            return self._keys(req, ids, block_size, len(ids), approximate=False)
         if tok is None:
             return self._approximate(req, block_size)
         text, special = self._render(req, tok)
@@ -100,20 +101,21 @@ class PromptEncoder:
             ids = await asyncio.to_thread(self._tokenize, tok, text, special)
         else:
             ids = self._tokenize(tok, text, special)
+        ids = _truncated(req, ids)
         return self._keys(req, ids, block_size, len(ids), approximate=False)
 
     def _render(self, req: RoutingRequest, tok: ModelTokenizer) -> tuple[str, bool]:
         """(text, add special tokens): chat is rendered by the template, which writes its own BOS."""
         if req.messages is None:
             assert req.prompt_text is not None
-            return req.prompt_text, True
+            return req.prompt_text, req.add_special_tokens is not False
         t0 = time.perf_counter()
         try:
             text = tok.render_chat(req.messages, **req.chat_options)
         except TemplateError as exc:
             raise TemplateRejected(str(exc), param="messages") from None
         _render_s.observe(time.perf_counter() - t0)
-        return text, False
+        return text, bool(req.add_special_tokens)
 
     @staticmethod
     def _tokenize(tok: ModelTokenizer, text: str, special: bool) -> array[int]:
@@ -143,6 +145,11 @@ class PromptEncoder:
         n_tokens = max(1, -(-len(points) // CHARS_PER_TOKEN))
         return self._keys(req, points, block_size, n_tokens, approximate=True,
                           key_block=block_size * CHARS_PER_TOKEN)
+
+
+def _truncated(req: RoutingRequest, ids: Sequence[int]) -> Sequence[int]:
+    k = req.truncate_prompt_tokens
+    return ids[-k:] if k is not None and len(ids) > k else ids
 
 
 def _content_text(content: object) -> str:

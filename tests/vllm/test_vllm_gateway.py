@@ -297,3 +297,24 @@ def wait_ready(rc: RouterClient, timeout: float = 30.0) -> None:
     while rc.http.get("/ready").status_code != 200:
         assert time.monotonic() < deadline, "the router never saw the restarted engine healthy"
         time.sleep(0.1)
+
+
+def test_prompt_options_vllm_honours_move_the_router_keys_too(via_router: RouterClient, words: Words) -> None:
+    """``add_special_tokens`` and ``truncate_prompt_tokens`` change the ids vLLM caches; the router's
+    keys must follow them, or it predicts hits that never happen (or misses that hit)."""
+    prompt = words.text(120)
+    sent = [("no BOS", {"add_special_tokens": False}), ("no BOS again", {"add_special_tokens": False}),
+            ("with BOS", {}), ("last 70 tokens", {"truncate_prompt_tokens": 70}),
+            ("last 70 tokens again", {"truncate_prompt_tokens": 70})]
+    for label, extra in sent:
+        dry = via_router.dry_run({"model": SERVED_MODEL, "prompt": prompt, "max_tokens": 1, **extra})
+        raw = via_router.client.completions.with_raw_response.create(
+            model=SERVED_MODEL, prompt=prompt, max_tokens=1, extra_body=extra)
+        via_router._hop(label, raw.headers, raw.parse().usage, dry)
+    messages = [{"role": "user", "content": words.text(90)}]
+    via_router.chat("chat, extra BOS", messages, add_special_tokens=True)
+    via_router.chat("chat, extra BOS again", messages, add_special_tokens=True)
+    via_router.assert_all_match()
+    cached = {h.label: h.cached for h in via_router.hops}
+    assert cached["no BOS again"] > 0 and cached["last 70 tokens again"] > 0 and cached["chat, extra BOS again"] > 0
+    assert cached["with BOS"] == 0, via_router.table()  # BOS shifts every block: nothing shared with "no BOS"
