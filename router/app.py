@@ -23,7 +23,6 @@ from starlette.exceptions import HTTPException
 
 from router.api import routes
 from router.api.errors import http_exception, unhandled
-from router.api.liveness import LivenessListener
 from router.config import RouterConfig
 from router.events.ingest import EventIngest
 from router.fleet.discovery import Discovery
@@ -31,6 +30,7 @@ from router.fleet.registry import Fleet
 from router.index import factory
 from router.index.base import BlockIndex, IndexUnavailable
 from router.index.resilient import ResilientIndex
+from router.liveness import LivenessListener
 from router.pipeline import Pipeline
 from router.proxy.client import make_client
 from router.proxy.forward import Forwarder
