@@ -27,6 +27,7 @@ from router.config import RouterConfig
 from router.events.ingest import EventIngest
 from router.fleet.discovery import Discovery
 from router.fleet.registry import Fleet
+from router.fleet.shared_load import SharedLoad
 from router.index import factory
 from router.index.base import BlockIndex, IndexUnavailable
 from router.index.resilient import ResilientIndex
@@ -120,8 +121,14 @@ def create_app(config: RouterConfig) -> Starlette:
         discovery = Discovery(config, fleet)
         await discovery.start()
         with contextlib.suppress(TimeoutError):  # serve what is known; discovery keeps filling in
-            await asyncio.wait_for(discovery.synced.wait(), DISCOVERY_SYNC_S)
+            async with asyncio.timeout(DISCOVERY_SYNC_S):
+                await discovery.synced.wait()
         await fleet.probe_all()
+        # Other router replicas' in-flight counts (Redis), so N routers do not all pick the
+        # same "least loaded" replica in the same instant. None without Redis.
+        shared = SharedLoad.from_config(config, fleet.backends)
+        if shared is not None:
+            await shared.start()
         scheduler = Scheduler(config.scheduling, config.policy, random.Random())
         ingest = make_ingest(config, index, fleet)
         if ingest is not None:
@@ -144,6 +151,8 @@ def create_app(config: RouterConfig) -> Starlette:
             await discovery.stop()
             if ingest is not None:
                 await ingest.stop()
+            if shared is not None:
+                await shared.stop()
             await fleet.stop()
             await client.aclose()
             await index.close()
