@@ -21,7 +21,7 @@ Policy = Literal["cache_aware", "round_robin", "least_load", "prefix_hash", "ran
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class BackendConfig(_Section):
@@ -61,6 +61,7 @@ class SchedulingConfig(_Section):
     weights: dict[str, float] = Field(
         default_factory=lambda: {"prefix": 2.0, "load": 1.0, "queue": 0.5, "kv_usage": 0.25}
     )
+    """Scorer weights (prefix, load, queue, kv_usage); each scorer returns [0, 1]."""
     load_band: float = Field(default=2.0, ge=0)
     """Affinity is kept only among replicas whose load (in-flight + engine queue) is within
     ``load_band`` + ``load_band_ratio`` * least load of the least loaded replica."""
@@ -199,19 +200,29 @@ class ExperimentConfig(_Section):
 
 class RouterConfig(_Section):
     host: str = "127.0.0.1"
+    """Listen address. 127.0.0.1 by default: exposing a gateway is a decision (0.0.0.0 in the image)."""
     port: int = Field(default=8080, ge=0, le=65535)
+    """Listen port for the OpenAI API, /health, /ready, /metrics and /debug."""
     policy: Policy = "cache_aware"
+    """cache_aware (the product); round_robin, least_load, prefix_hash, random: baselines on the same code path."""
     tokenizer: str | None = None
     """Model directory; absent: approximate character mode (keys over characters, said in logs and metrics)."""
     block_size: int = Field(default=16, gt=0)
+    """vLLM's default; must equal the engines' (learned per replica from vllm:cache_config_info when a
+    backend or model does not set it). A wrong block size means 0% hits, so precise mode checks it."""
     redis_url: str | None = None
+    """Shared index for several router replicas (``redis://``, ``rediss://``); absent: in-process index."""
     backends: list[BackendConfig] = Field(default_factory=list)
+    """Static replicas (see ``backends[]``); discovery adds more."""
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+    """Per-model tokenizer and block size, for fleets serving several models."""
     kv_events_bind: str | None = None
+    """Precise mode, engines connect: the router binds this ZMQ SUB endpoint; backends name their ``kv_topic``."""
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     """8 MiB holds a 128k-token prompt with room; larger bodies get 413."""
     log_level: str = "info"
     log_decisions: bool = True
+    """One log line per request (ids, model, tokens, matched, replica, reason, latency; never prompt text)."""
     health_port: int | None = Field(default=None, ge=0, le=65535)
     """Also answer ``GET /health`` on this port from a thread, for liveness probes: it answers
     while the event loop is saturated (the main port's /health waits its turn, 0.2-1.7 s on 2
