@@ -106,8 +106,9 @@ def soak(tmp: Path, seconds: float) -> None:
                 now = time.monotonic()
                 if active is not None and now >= active[1]:
                     active[0]()  # end the fault
-                    active, next_fault = None, now + 2.0
-                elif active is None and now >= next_fault and now - t0 < seconds - 6:
+                    # Health probes and circuit breakers settle before the next fault: one at a time.
+                    active, next_fault = None, now + 5.0
+                elif active is None and now >= next_fault and now - t0 < seconds - 8:
                     name, start, end = faults[len(injected) % len(faults)]
                     start()
                     injected.append(name)

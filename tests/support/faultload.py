@@ -114,7 +114,9 @@ async def run_load(urls: list[str], n: int, concurrency: int, *, stream_share: f
     async def worker(client: httpx.AsyncClient) -> None:
         # ``concurrency`` workers pull request numbers: no coroutine per request up front.
         while (i := next(counter)) < n and not (stop is not None and stop.is_set()):
-            body = {"model": "sim-model", "prompt": rng.choice(PREFIXES) + f"question {seed}-{i}?",
+            # A unique tail of several full blocks: the index gains new entries all the time.
+            tail = f"question {seed}-{i}: " + " ".join(f"w{rng.randrange(10_000)}" for _ in range(24))
+            body = {"model": "sim-model", "prompt": rng.choice(PREFIXES) + tail,
                     "max_tokens": max_tokens, "ignore_eos": True, "stream": rng.random() < stream_share}
             await _one(client, urls[i % len(urls)], body, hang_s, t)
 
