@@ -154,7 +154,8 @@ def _measure(rows: list[Row], targets: list[str], backend: str, proxy: str, args
             for url, _, _ in urls.values():  # warm-up: pools, tokenizer caches, first-request costs
                 run_wrk(url, row.path, body, connections=args.connections, duration=1, threads=args.threads)
             runs: dict[str, list[Run]] = {t: [] for t in urls}
-            routers = [t for t in urls if _workers(t)[0] in ROUTERS]
+            # one process only: with N workers each scrape lands on any of them, deltas would mix
+            routers = [t for t in urls if _workers(t)[0] in ROUTERS and _workers(t)[1] == 1]
             before = {t: stage_totals(urls[t][0]) for t in routers}
             for _ in range(args.repeats):
                 for t, started in urls.items():
@@ -268,9 +269,8 @@ def print_table(results: dict[str, dict[str, Result]], targets: list[str], args:
         print(f"| {label} | " + " | ".join(f"{cells[t].cpu_us:,.0f}" if t in cells and cells[t].cpu_us else "n/a"
                                           for t in measured) + " |")
     stage_names = ["parse", "render", "tokenize", "hash", "lookup", "score", "proxy_connect"]
-    for t in (t for t in targets if _workers(t)[0] in ROUTERS):
-        print(f"\n{t}: its own stage histograms, mean µs per request over each row's runs "
-              "(one worker's view with :N):\n")
+    for t in (t for t in targets if _workers(t)[0] in ROUTERS and _workers(t)[1] == 1):
+        print(f"\n{t}: its own stage histograms, mean µs per request over each row's runs:\n")
         print("| prompt | " + " | ".join(stage_names) + " |")
         print("|" + "---|" * (len(stage_names) + 1))
         for label, cells in results.items():
