@@ -157,9 +157,12 @@ def test_deployment_probes_drain_and_secret() -> None:
     for needle in ("livenessProbe", "readinessProbe", "preStop", "terminationGracePeriodSeconds",
                    "secretKeyRef", "$(CACHE_ROUTER_REDIS_URL)", "securityContext", "resources"):
         assert needle in dep, needle
-    # The container port is the one the router's config listens on, and the probes use it by name.
+    # The container ports are the ones the router's config listens on, and the probes use them by
+    # name: liveness on the helper process's port (fast under saturation), readiness on the main one.
     assert "containerPort: {{ .Values.config.port }}" in dep
-    assert vals["livenessProbe"]["httpGet"]["port"] == "http"
+    assert "containerPort: {{ .Values.config.health_port }}" in dep
+    assert vals["livenessProbe"]["httpGet"]["port"] == "liveness" and vals["config"]["health_port"]
+    assert vals["readinessProbe"]["httpGet"]["port"] == "http"
 
 
 def test_helm_lint_and_template_when_helm_is_installed(tmp_path: Path) -> None:
