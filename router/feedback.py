@@ -62,6 +62,13 @@ def _series(model: str, arm: str) -> _Series:
     return _Series(model, arm)  # bounded: models are checked against the fleet before this
 
 
+@functools.cache
+def requests_child(backend: str, model: str, arm: str, outcome: str) -> Any:
+    """REQUESTS' child, looked up once: bounded by replicas x models x arms x outcomes, and
+    never removed (a gone replica's request count stays a true count)."""
+    return REQUESTS.labels(backend, model, arm, outcome)
+
+
 class Feedback:
     def __init__(self, config: RouterConfig, index: BlockIndex, fleet: Fleet) -> None:
         self.config = config
@@ -79,7 +86,7 @@ class Feedback:
         req, g, d = r.req, r.gathered, r.decision
         backend = opened.backend if opened is not None else d.backend
         now = time.monotonic()
-        REQUESTS.labels(backend, req.model, r.arm, r.outcome).inc()
+        requests_child(backend, req.model, r.arm, r.outcome).inc()
         series = _series(req.model, r.arm)
         series.seconds.observe(now - r.started)
         if opened is not None:

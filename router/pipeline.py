@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -24,13 +25,12 @@ import orjson
 from router.admission import AdmissionQueue
 from router.config import RouterConfig
 from router.errors import NoHealthyBackend, NotFound, RouterError, UpstreamTimeout
-from router.feedback import Feedback
+from router.feedback import Feedback, requests_child
 from router.fleet.registry import Fleet
 from router.index.base import BlockIndex, IndexUnavailable
 from router.logs import log_decision
 from router.metrics import (
     DECISIONS,
-    REQUESTS,
     STAGE_SECONDS,
     STREAM_ERRORS,
 )
@@ -46,6 +46,7 @@ from router.tenancy import Tenancy
 from router.types import BackendId
 
 _lookup_stage = STAGE_SECONDS.labels("lookup")
+_decisions = functools.cache(DECISIONS.labels)  # reasons x arms: a handful of children, looked up once
 _score_stage = STAGE_SECONDS.labels("score")
 PATHS = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 
@@ -177,11 +178,11 @@ class Pipeline:
                 decision = await self._queue(g, policy)
         except RouterError as exc:
             outcome = "no_backend" if isinstance(exc, NoHealthyBackend) else "rejected"
-            REQUESTS.labels("none", req.model, arm, outcome).inc()
+            requests_child("none", req.model, arm, outcome).inc()
             log_decision(self.config.log_decisions, request_id, req.model, g.enc, g.index_available, None,
                          arm, outcome, exc.status, started)
             raise
-        DECISIONS.labels(decision.reason, arm).inc()
+        _decisions(decision.reason, arm).inc()
         strip = req.stream and not req.include_usage
         body = req.raw
         if strip:

@@ -153,7 +153,7 @@ class Fleet:
             return
         r.backend.in_flight += 1
         r.breaker.on_dispatch(self._clock())
-        metrics.IN_FLIGHT.labels(backend_id).set(r.backend.in_flight)
+        _gauges(backend_id)[0].set(r.backend.in_flight)
 
     def release(self, backend_id: BackendId, ok: bool) -> None:
         """The request ended; ``ok=False`` (connect error, 5xx, broken stream) feeds the breaker."""
@@ -165,8 +165,9 @@ class Fleet:
         was_open = not r.breaker.allows(now)
         r.breaker.record(ok, now)
         is_open = not r.breaker.allows(now)
-        metrics.IN_FLIGHT.labels(backend_id).set(r.backend.in_flight)
-        metrics.CIRCUIT_OPEN.labels(backend_id).set(1 if is_open else 0)
+        in_flight, circuit = _gauges(backend_id)
+        in_flight.set(r.backend.in_flight)
+        circuit.set(1 if is_open else 0)
         if is_open and not was_open:
             log.warning("fleet: circuit opened for %s after failed requests", backend_id)
 
@@ -300,8 +301,23 @@ class Fleet:
             await self._fire(self._on_capacity, b.id, sample.num_blocks)
 
 
+_Child = Any  # a prometheus_client Gauge child (the library exports no type for it)
+_children: dict[BackendId, tuple[_Child, _Child]] = {}
+"""IN_FLIGHT and CIRCUIT_OPEN children per replica, set twice per request: ``labels()`` costs
+microseconds each call. Dropped with the series, so a re-added replica gets fresh ones."""
+
+
+def _gauges(backend_id: BackendId) -> tuple[_Child, _Child]:
+    children = _children.get(backend_id)
+    if children is None:
+        children = _children[backend_id] = (metrics.IN_FLIGHT.labels(backend_id),
+                                            metrics.CIRCUIT_OPEN.labels(backend_id))
+    return children
+
+
 def _forget_series(backend_id: BackendId) -> None:
     """Drop a replica's per-replica series: a gone replica must not look alive on a dashboard."""
+    _children.pop(backend_id, None)
     for gauge in (metrics.BACKEND_HEALTHY, metrics.IN_FLIGHT, metrics.CIRCUIT_OPEN,
                   metrics.BACKEND_DRAINING, metrics.ENGINE_WAITING, metrics.ENGINE_KV_USAGE,
                   metrics.BACKEND_RESTARTS):

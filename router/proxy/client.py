@@ -161,7 +161,7 @@ class AiohttpUpstream:
 
     async def open(self, url: str, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
         try:
-            resp = await self._session.post(url, data=body, headers=dict(headers), allow_redirects=False)
+            resp = await self._session.post(url, data=body, headers=headers, allow_redirects=False)
         except aiohttp.ClientConnectorError as exc:  # refused, unreachable, DNS: nothing was sent
             raise ConnectFailed(type(exc).__name__) from None
         except aiohttp.ConnectionTimeoutError as exc:
