@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 from router.config import RouterConfig
@@ -151,9 +151,9 @@ class Feedback:
         with contextlib.suppress(IndexUnavailable):  # fail open; the index wrapper counts it
             await call
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        task.set_name(name)
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        # loop.create_task, not ensure_future: the same task without the generic checks.
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -48,6 +48,10 @@ class UpstreamResponse(Protocol):
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 
+    async def read(self) -> bytes:
+        """The whole remaining body (a non-streaming answer), with the errors of ``chunks``."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -74,6 +78,9 @@ class _HttpxResponse:
             raise TimedOut(type(exc).__name__) from None
         except (httpx.TransportError, httpx.StreamError) as exc:
             raise StreamBroken(type(exc).__name__) from None
+
+    async def read(self) -> bytes:
+        return b"".join([c async for c in self.chunks()])
 
     async def aclose(self) -> None:
         # Closing an unfinished stream drops the connection: the engine sees the
@@ -135,6 +142,17 @@ class _AiohttpResponse:
         except (aiohttp.ClientError, OSError) as exc:
             raise StreamBroken(type(exc).__name__) from None
         self._done = True
+
+    async def read(self) -> bytes:
+        # One await for the whole body instead of an async generator step per chunk.
+        try:
+            body = await self._resp.read()
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise TimedOut(type(exc).__name__) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise StreamBroken(type(exc).__name__) from None
+        self._done = True
+        return body
 
     async def aclose(self) -> None:
         if self._done:

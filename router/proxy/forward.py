@@ -100,14 +100,16 @@ class Forwarder:
                 _connect_stage.observe(time.perf_counter() - t0)
                 if resp.status >= 500:
                     raise _BadStatus(f"{backend} answered {resp.status}")
-                chunks = resp.chunks()
                 if stream and resp.status == 200 and _is_sse(resp.headers):
+                    chunks = resp.chunks()
                     first = await anext(chunks, b"")
                     if first:
                         committed = True
                         return Opened(backend, resp.status, resp.headers, first, resp, chunks, 0,
                                       time.monotonic())
-                whole = b"".join([c async for c in chunks])
+                    whole = b"".join([c async for c in chunks])
+                else:
+                    whole = await resp.read()
                 return Opened(backend, resp.status, resp.headers, whole, None, None, 0, time.monotonic())
         except TimeoutError:
             raise TimedOut(f"{backend}: no first byte within {budget:.3g}s") from None
