@@ -80,8 +80,9 @@ def _serve(tmp: Path, config: dict[str, object]) -> tuple[subprocess.Popen[bytes
     port = free_port()
     path = tmp / f"router-{port}.yaml"
     path.write_text(yaml.safe_dump({**config, "port": port}))
+    log = (tmp / f"router-{port}.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "router", "serve", "--config", str(path)], cwd=ROOT,
-                            env=env_without_proxies(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env_without_proxies(), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -99,6 +100,7 @@ def test_router_killed_and_replaced_routes_warm_from_redis(tmp_path: Path, redis
                                                            namespace: str) -> None:
     with SimFleet(3, block_size=16) as fleet:
         config = {"backends": [{"url": u} for u in fleet.urls], "tokenizer": str(SIM_MODEL), "block_size": 16,
+                  "shutdown_timeout_s": 5,
                   "redis_url": redis_server.url, "index": {"namespace": namespace, "deadline_ms": 200}}
         first, url = _serve(tmp_path, config)
         try:
@@ -120,5 +122,13 @@ def test_router_killed_and_replaced_routes_warm_from_redis(tmp_path: Path, redis
                   "by the new process on its first request each")
             assert warm == len(holders)
         finally:
+            t0 = time.monotonic()
             second.terminate()
-            assert second.wait(30) == 0
+            try:
+                code = second.wait(30)
+            except subprocess.TimeoutExpired:
+                second.kill()
+                logs = sorted(tmp_path.glob("router-*.log"))
+                raise AssertionError("no exit 30 s after SIGTERM:\n" + logs[-1].read_text()[-4000:]) from None
+        print(f"replacement router: exit {code} {time.monotonic() - t0:.2f}s after SIGTERM")
+        assert code == 0
