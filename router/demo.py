@@ -17,9 +17,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from loadtest.bench.procs import Proc, free_port, wait_http
-from loadtest.compare import DIRECT, compare_many
+from loadtest.compare import DIRECT, compare
 from loadtest.engine import SimFleet
-from loadtest.report import print_matrix
+from loadtest.report import print_matrix, write_matrix
 from loadtest.runner.cli import prepare_workload
 from loadtest.runner.run import RunOptions, RunResult
 
@@ -106,10 +106,19 @@ def main(argv: list[str]) -> int:
         options = RunOptions(concurrency=args.concurrency, progress=sys.stdout.isatty(), engines=engines)
 
         async def run() -> dict[str, list[RunResult]]:
-            workloads = [await prepare_workload(n, args.seed, engines, requests=args.requests,
-                                                max_input_tokens=args.max_input_tokens) for n in names]
-            return await compare_many(workloads, arms, engines, options, direct_round_robin=True,
-                                      out_dir=args.out, title="cache-router demo")
+            by_workload: dict[str, list[RunResult]] = {}
+            plan: list[tuple[str, str | list[str]]] = [(DIRECT, engines), *arms.items()]
+            for i, name in enumerate(names):
+                workload = await prepare_workload(name, args.seed, engines, requests=args.requests,
+                                                  max_input_tokens=args.max_input_tokens)
+                # Arms run one after another on a shared machine: rotate their order per workload
+                # so no policy always runs first (cold) or last (quietest).
+                order = dict(plan[i % len(plan):] + plan[:i % len(plan)])
+                results = await compare(workload, order, engines, options, out_dir=args.out / name,
+                                        title=f"cache-router demo: {name}")
+                by_workload[name] = sorted(results, key=lambda r: [n for n, _ in plan].index(r.name))
+            write_matrix(by_workload, args.out, title="cache-router demo")
+            return by_workload
 
         by_workload = asyncio.run(run())
         print_matrix(by_workload)
