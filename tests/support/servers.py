@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
+
+from loadtest.redis_servers import LocalRedis
 
 
 def free_port() -> int:
@@ -35,34 +34,20 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-class RedisServer:
-    """A real redis-server on a free loopback port, with kill/pause/restart for fault tests."""
+class RedisServer(LocalRedis):
+    """A real redis-server on a free loopback port, with kill/pause/restart for fault tests
+    (the benchmark's ``LocalRedis`` plus what fault tests need)."""
 
     def __init__(self, port: int | None = None, *extra: str) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server is not installed (.ci/run installs it with apt-get)")
-        self.exe = exe
-        self.port = port or free_port()
-        self.extra = list(extra)
-        self.dir = tempfile.mkdtemp(prefix="cr-redis-")
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(port or free_port(), *extra)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", self.dir, "--protected-mode", "no", *self.extra]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
+        super().start()
         return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
     def pause(self) -> None:
         assert self.proc is not None
@@ -76,16 +61,6 @@ class RedisServer:
         """Kill and start again on the same port, empty."""
         self.kill()
         self.start()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class UvicornThread:
