@@ -185,7 +185,7 @@ def batch(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[list[Any]]:
 # --- strategies --------------------------------------------------------------------------
 _scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=40)
 json_values = st.recursive(_scalars, lambda kids: st.lists(kids, max_size=6)
-                           | st.dictionaries(st.text(max_size=12), kids, max_size=6), max_leaves=30)
+                           | st.dictionaries(st.text(max_size=12), kids, max_size=6), max_leaves=10)
 _big_text = st.integers(0, MAX_BODY + 4096).map(lambda n: "a" * n)
 _token_ids = st.lists(st.integers(-(2**65), 2**65) | st.integers(0, 9000), min_size=0, max_size=50)
 _prompt = st.one_of(
