@@ -48,11 +48,10 @@ async def metrics(request: Request) -> Response:
 async def debug_route(request: Request) -> Response:
     """Dry run: what the router would do with this request, without sending it.
 
-    Open when no admin token is configured (tests, demos and the real-vLLM checks use it);
-    with one, it requires it like every admin endpoint."""
+    Like every admin endpoint: off (404) unless an admin token is configured, then only with it.
+    It reveals which replica holds which prefix, so it is never open by default."""
     pipeline: Pipeline = request.app.state.pipeline
-    if pipeline.tenancy.admin_enabled:
-        pipeline.tenancy.check_admin(request.headers)
+    pipeline.tenancy.check_admin(request.headers)
     # A tenant sees its own prefixes only: the same server-side salt as its real requests.
     tenant = pipeline.tenancy.identify(request.headers)
     raw = await read_body(request, pipeline.config.max_body_bytes)

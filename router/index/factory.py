@@ -2,10 +2,9 @@
 
 Owns the choice and the wrapping; the backends own their behaviour. The Redis index is
 wrapped in ``ResilientIndex`` (one log line per degraded/recovered change, fail-fast while
-Redis is away), so callers see one BlockIndex whatever the deployment. The wrapper's own
-metrics are off here because ``router.pipeline`` and ``router.app`` already observe lookup
-latency, count index errors and set the degraded gauge: counting twice would make the
-dashboard lie. Whoever drops those lines there turns ``metrics=True`` on here.
+Redis is away), so callers see one BlockIndex whatever the deployment. The wrapper is the
+one owner of the index metrics (lookup latency, errors, the degraded gauge, blocks per
+replica); ``router.app`` wraps the in-process index the same way, and nothing else counts them.
 """
 
 from __future__ import annotations
@@ -27,4 +26,4 @@ def make_index(config: RouterConfig) -> BlockIndex:
         deadline_ms=cfg.deadline_ms,
         cluster=True if cfg.cluster else None,  # None: let the URL's scheme decide
     )
-    return ResilientIndex(redis, metrics=False)
+    return ResilientIndex(redis)

@@ -77,6 +77,17 @@ class Prometheus:
             time.sleep(0.1)
         raise TimeoutError("prometheus did not become ready")
 
+    def wait_scraping(self, timeout: float = 30) -> None:
+        """Until the router's target has been scraped once: Prometheus 2 hands new targets to the
+        scrapers only after its discovery throttle (~5 s), and a quick load could end before that."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            targets = self.http.get("/api/v1/targets").json()["data"]["activeTargets"]
+            if any(t.get("health") == "up" for t in targets):
+                return
+            time.sleep(0.2)
+        raise TimeoutError("prometheus never scraped the router")
+
     def query(self, expr: str, at: float) -> dict[str, Any]:
         body: dict[str, Any] = self.http.get("/api/v1/query", params={"query": expr, "time": f"{at:.3f}"}).json()
         return body
@@ -122,6 +133,7 @@ def scraped_run() -> Iterator[Run]:
             prom = Prometheus(router.port)
             try:
                 prom.wait_ready()
+                prom.wait_scraping()
                 out = Path(prom.dir) / "run.json"
                 started = time.time()
                 load = subprocess.run(

@@ -24,7 +24,7 @@ import pytest
 from loadtest.engine import SimFleet
 from tests.conftest import SIM_MODEL
 from tests.support.faultload import PREFIXES, load_in_thread, run_load
-from tests.support.router import running_router
+from tests.support.router import ADMIN, running_router
 from tests.support.servers import UvicornThread
 
 # ~5 ms per token: an 8-token answer takes ~50 ms, a 60-token stream ~0.3 s, so a kill lands mid-stream.
@@ -93,7 +93,7 @@ def test_replica_sigkilled_under_load(capsys: pytest.CaptureFixture[str]) -> Non
         stale = 0
         for prefix in PREFIXES:
             plan = httpx.post(router.url + "/debug/route", json={"model": "sim-model", "prompt": prefix + "?"},
-                              timeout=10).json()
+                              timeout=10, headers=ADMIN).json()
             stale += sum(r["matched_tokens"] for r in plan["replicas"] if r["backend"] == url)
         # New prompts reach it again, with predictions equal to what the engine really had.
         landed = wrong = 0

@@ -37,7 +37,7 @@ from router.config import RouterConfig
 from router.hashing.keys import prompt_keys
 from router.hashing.tokenizer import ModelTokenizer
 from tests.conftest import SIM_MODEL
-from tests.support.router import router_config
+from tests.support.router import ADMIN, router_config
 from tests.support.servers import UvicornThread
 
 TOTAL = int(os.environ.get("CR_FUZZ_EXAMPLES") or (10_000 if os.environ.get("CI") == "true" else 1_500))
@@ -86,7 +86,7 @@ class Target:
 
     def send(self, method: str, path: str, body: bytes | None,
              headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        hdrs = {"content-type": "application/json", **(headers or {})}
+        hdrs = {"content-type": "application/json", **ADMIN, **(headers or {})}
         for attempt in range(2):
             if self.conn is None:
                 self.conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=15)

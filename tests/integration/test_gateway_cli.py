@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import SIM_MODEL
-from tests.support.router import HTTP, scripted_engines
+from tests.support.router import ADMIN_ENV, HTTP, scripted_engines
 from tests.support.servers import env_without_proxies, free_port
 
 SECRET = "zebra quartz marmalade"
@@ -43,7 +43,8 @@ def test_check_config_rejects_unknown_keys_and_bad_yaml(tmp_path: Path) -> None:
 
 def test_serve_flags_override_the_file(tmp_path: Path) -> None:
     cfg = tmp_path / "router.yaml"
-    cfg.write_text("policy: round_robin\nport: 1\nbackends:\n  - url: http://127.0.0.1:9\n")
+    cfg.write_text("policy: round_robin\nport: 1\nbackends:\n  - url: http://127.0.0.1:9\n"
+                   f"auth:\n  admin_token_env: {ADMIN_ENV}\n")
     port = free_port()
     with scripted_engines(1) as (engine,):
         proc = subprocess.Popen(

@@ -149,3 +149,15 @@ def test_secrets_and_prompts_never_reach_the_logs(stack: tuple[SimFleet, Uvicorn
         text = "\n".join(r.getMessage() for r in caplog.records)
     for secret in [SECRET, ADMIN, *KEYS.values(), "confidential"]:
         assert secret not in text
+
+
+def test_debug_route_is_off_without_an_admin_token() -> None:
+    """No admin token configured: the dry run (which reveals who holds which prefix) does not exist."""
+    from router.config import RouterConfig
+
+    with SimFleet(1) as fleet:
+        cfg = RouterConfig.model_validate({"backends": [{"url": fleet.urls[0]}], "port": 0})
+        with running_router(config=cfg) as router:
+            r = httpx.post(router.url + "/debug/route", json={"model": "sim-model", "prompt": "x"},
+                           headers={"x-admin-token": "anything"}, timeout=10)
+            assert r.status_code == 404 and r.json()["error"]["type"]

@@ -10,13 +10,13 @@ from typing import Any
 import httpx
 
 from loadtest.engine import SimFleet
-from tests.support.router import running_router
+from tests.support.router import ADMIN, running_router
 from tests.support.servers import RedisServer
 
 
 def _in_flight(router_url: str, backend: str) -> int:
     plan = httpx.post(router_url + "/debug/route", json={"model": "sim-model", "prompt": "probe " * 40},
-                      timeout=5).json()
+                      timeout=5, headers=ADMIN).json()
     return int(next(r for r in plan["replicas"] if r["backend"] == backend)["in_flight"])
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from loadtest.engine import SimFleet
 from tests.conftest import SIM_MODEL
-from tests.support.router import running_router
+from tests.support.router import ADMIN, running_router
 from tests.support.servers import RedisServer, UvicornThread
 
 # A loaded 2-core CI box can take tens of ms to schedule a lookup: these tests are about sharing,
@@ -56,7 +56,7 @@ def _matched_via(url: str, prompt: str, within_s: float = 5.0) -> int:
     body = {"model": "sim-model", "prompt": prompt, "max_tokens": 2}
     t_end = time.monotonic() + within_s
     while True:
-        plan = httpx.post(url + "/debug/route", json=body, timeout=10).json()
+        plan = httpx.post(url + "/debug/route", json=body, timeout=10, headers=ADMIN).json()
         best = max((r["matched_tokens"] for r in plan["replicas"]), default=0)
         if best > 0 or time.monotonic() > t_end:
             return int(best)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,7 +30,13 @@ from router.app import create_app
 from router.config import RouterConfig
 from tests.support.servers import UvicornThread
 
-HTTP = httpx.Client(timeout=10, trust_env=False)
+ADMIN_ENV = "CR_TEST_ADMIN_TOKEN"
+ADMIN_TOKEN = os.environ.setdefault(ADMIN_ENV, "test-admin-token")
+ADMIN = {"x-admin-token": ADMIN_TOKEN}
+"""Admin and debug endpoints are off unless a token is configured: test routers get one
+(``auth.admin_token_env``), and the shared client sends it."""
+
+HTTP = httpx.Client(timeout=10, trust_env=False, headers=ADMIN)
 """One client for every test request: creating an httpx client builds an SSL context
 (~0.1 s on a busy machine), which used to dominate these tests' run time."""
 
@@ -41,6 +48,10 @@ def router_config(backends: list[str] | list[dict[str, Any]], **overrides: Any) 
     # Fast health rounds so tests see a replica come and go within a second.
     data.setdefault("health", {"interval_s": 0.2, "timeout_s": 0.5, "failure_threshold": 1})
     data.update(overrides)
+    auth = dict(data.get("auth") or {})
+    if "admin_token_file" not in auth:
+        auth.setdefault("admin_token_env", ADMIN_ENV)
+    data["auth"] = auth
     return RouterConfig.model_validate(data)
 
 
