@@ -173,6 +173,10 @@ class Monitor:
         if self._client is None:
             return
         ok = await probe(self._client, r.backend.url, self.config.health.timeout_s)
+        if ok and not r.backend.healthy and r.sample is not None:
+            # Coming back from down: read its counters before it is routable again, so a restart
+            # (cache emptied) clears its index entries first instead of a scrape interval later.
+            await self._scrape(r)
         if self.fleet.apply_probe(r, ok):
             self.wake_models()
 
