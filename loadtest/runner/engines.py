@@ -168,7 +168,16 @@ async def discover_engines(client: httpx.AsyncClient, target: str) -> list[str]:
     backends = router_backends(resp.text)
     if not backends and "vllm:prefix_cache_queries" in resp.text:
         return [target.rstrip("/")]
-    return backends
+    # A router may still list a replica that just went away: keep the ones that answer.
+    alive = await asyncio.gather(*(_answers(client, b) for b in backends))
+    return [b for b, ok in zip(backends, alive, strict=True) if ok]
+
+
+async def _answers(client: httpx.AsyncClient, url: str) -> bool:
+    try:
+        return (await client.get(url.rstrip("/") + "/health", timeout=2.0)).status_code < 500
+    except httpx.HTTPError:
+        return False
 
 
 async def reset_prefix_caches(client: httpx.AsyncClient, urls: list[str]) -> None:
