@@ -30,9 +30,10 @@ P99_SLACK = 1.10
 
 
 @contextmanager
-def router(engines: list[str], policy: str, block_size: int) -> Iterator[str]:
+def router(engines: list[str], policy: str, block_size: int, config: Path | None = None) -> Iterator[str]:
     port = free_port()
     args = [sys.executable, "-m", "router", "serve", "--host", "127.0.0.1", "--port", str(port),
+            *(["--config", str(config)] if config is not None else []),
             "--tokenizer", str(MODEL_DIR), "--block-size", str(block_size), "--policy", policy,
             "--log-level", "warning"]
     for url in engines:
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-ms", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("out/demo"))
+    p.add_argument("--router-config", type=Path, help="a config file for every router arm (flags still win)")
     return p
 
 
@@ -101,7 +103,7 @@ def main(argv: list[str]) -> int:
     with SimFleet(args.engines, block_size=args.block_size, cache_blocks=args.cache_blocks, zero=False,
                   extra_args=timing, mode="process", max_num_seqs=8) as fleet, ExitStack() as stack:
         engines = list(fleet.urls)
-        arms = {p: stack.enter_context(router(engines, p, args.block_size)) for p in policies}
+        arms = {p: stack.enter_context(router(engines, p, args.block_size, args.router_config)) for p in policies}
         names = list(ALL_WORKLOADS) if args.workloads == "all" else args.workloads.split(",")
         options = RunOptions(concurrency=args.concurrency, progress=sys.stdout.isatty(), engines=engines)
 
