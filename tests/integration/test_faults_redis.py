@@ -7,19 +7,17 @@ process on the warm Redis (it routes warm from its first request). Figures print
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 from loadtest.engine import SimFleet
-from tests.conftest import ROOT, SIM_MODEL
+from tests.conftest import SIM_MODEL
 from tests.support.faultload import PREFIXES, load_in_thread
-from tests.support.router import running_router
-from tests.support.servers import RedisServer, env_without_proxies, free_port
+from tests.support.router import running_router, serve_process
+from tests.support.servers import RedisServer
 
 TIMING = ["--decode-ms", "2", "--prefill-base-ms", "1"]
 
@@ -77,23 +75,8 @@ def test_redis_killed_paused_and_restarted_under_load_fails_nothing(namespace: s
 
 
 def _serve(tmp: Path, config: dict[str, object]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    path = tmp / f"router-{port}.yaml"
-    path.write_text(yaml.safe_dump({**config, "port": port}))
-    log = (tmp / f"router-{port}.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "router", "serve", "--config", str(path)], cwd=ROOT,
-                            env=env_without_proxies(), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, "router exited"
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "router never became ready"
-        time.sleep(0.1)
+    proc, url, _ = serve_process(tmp, config)
+    return proc, url
 
 
 def test_router_killed_and_replaced_routes_warm_from_redis(tmp_path: Path, redis_server: RedisServer,

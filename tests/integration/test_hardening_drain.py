@@ -10,7 +10,6 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -20,12 +19,9 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from loadtest.engine import SimFleet
-from tests.conftest import ROOT
-from tests.support.router import running_router
-from tests.support.servers import env_without_proxies, free_port
+from tests.support.router import running_router, serve_process
 
 # 20 ms per token: a 60-token answer streams for ~1.2 s, long enough to SIGTERM in the middle.
 SLOW = ["--decode-ms", "20", "--prefill-base-ms", "1"]
@@ -37,25 +33,9 @@ def fleet() -> Iterator[SimFleet]:
         yield f
 
 
-def _serve(tmp: Path, backends: list[Any], shutdown_s: float) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    cfg = {"port": port, "backends": backends, "shutdown_timeout_s": shutdown_s,
-           "health": {"interval_s": 0.2, "timeout_s": 0.5}}
-    path = tmp / "router.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "router", "serve", "--config", str(path)], cwd=ROOT,
-                            env=env_without_proxies(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "router never became ready"
-        time.sleep(0.1)
+def _serve(tmp: Path, backends: list[Any], shutdown_s: float) -> tuple[subprocess.Popen[bytes], str, Path]:
+    return serve_process(tmp, {"backends": backends, "shutdown_timeout_s": shutdown_s,
+                               "health": {"interval_s": 0.2, "timeout_s": 0.5}})
 
 
 def _stream(url: str, max_tokens: int, first: threading.Event, out: dict[str, Any]) -> None:
@@ -87,7 +67,7 @@ def _refused(url: str) -> bool:
 
 def _sigterm_mid_stream(fleet: SimFleet, tmp: Path, shutdown_s: float,
                         max_tokens: int) -> tuple[dict[str, Any], int, float, bool, str]:
-    proc, url = _serve(tmp, [{"url": fleet.urls[0]}], shutdown_s)
+    proc, url, log_path = _serve(tmp, [{"url": fleet.urls[0]}], shutdown_s)
     first, out = threading.Event(), dict[str, Any]()
     client = threading.Thread(target=_stream, args=(url, max_tokens, first, out), name="stream")
     client.start()
@@ -107,7 +87,7 @@ def _sigterm_mid_stream(fleet: SimFleet, tmp: Path, shutdown_s: float,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    log = proc.stdout.read().decode() if proc.stdout else ""
+    log = log_path.read_text()
     return out, code, took, refused, log
 
 

@@ -16,22 +16,18 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
-import yaml
 
 from loadtest.engine import SimFleet
-from tests.conftest import ROOT, SIM_MODEL
+from tests.conftest import SIM_MODEL
 from tests.support.faultload import load_in_thread
-from tests.support.router import metric
-from tests.support.servers import env_without_proxies, free_port
+from tests.support.router import metric, serve_process
 
 TIMING = ["--decode-ms", "2", "--prefill-base-ms", "1"]
 CACHE_BLOCKS = 512
@@ -40,26 +36,12 @@ SAMPLE_S = 2.0
 
 
 def _serve(tmp: Path, urls: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    cfg = {"port": port, "backends": [{"url": u} for u in urls], "tokenizer": str(SIM_MODEL), "block_size": 16,
-           "log_level": "warning", "log_decisions": False,
-           "health": {"interval_s": 0.2, "timeout_s": 0.5, "failure_threshold": 1, "breaker_cooldown_s": 1.0},
-           "timeouts": {"first_byte_s": 2.0}}
-    (tmp / "router.yaml").write_text(yaml.safe_dump(cfg))
-    log = (tmp / "router.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "router", "serve", "--config", str(tmp / "router.yaml")],
-                            cwd=ROOT, env=env_without_proxies(), stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, (tmp / "router.log").read_text()[-3000:]
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "router never became ready"
-        time.sleep(0.1)
+    proc, url, _ = serve_process(tmp, {
+        "backends": [{"url": u} for u in urls], "tokenizer": str(SIM_MODEL), "block_size": 16,
+        "log_level": "warning", "log_decisions": False,
+        "health": {"interval_s": 0.2, "timeout_s": 0.5, "failure_threshold": 1, "breaker_cooldown_s": 1.0},
+        "timeouts": {"first_byte_s": 2.0}})
+    return proc, url
 
 
 def _faults(fleets: list[SimFleet]) -> list[tuple[str, Callable[[], object], Callable[[], object]]]:

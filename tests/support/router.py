@@ -18,17 +18,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+import yaml
 
 from router.app import create_app
 from router.config import RouterConfig
-from tests.support.servers import UvicornThread
+from tests.support.servers import UvicornThread, env_without_proxies, free_port
 
 ADMIN_ENV = "CR_TEST_ADMIN_TOKEN"
 ADMIN_TOKEN = os.environ.setdefault(ADMIN_ENV, "test-admin-token")
@@ -71,6 +75,30 @@ def running_router(config: RouterConfig | None = None, *,
         yield server
     finally:
         server.stop()
+
+
+def serve_process(tmp: Path, config: dict[str, Any], *,
+                  timeout: float = 30) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """``cache-router serve --config`` as its own process on a free port (for signals, crashes and
+    restarts), its output in a log file beside the config; waits for ``/ready``. Returns the
+    process, its base URL and the log's path."""
+    port = free_port()
+    path = tmp / f"router-{port}.yaml"
+    path.write_text(yaml.safe_dump({**config, "port": port}))
+    log_path = tmp / f"router-{port}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "router", "serve", "--config", str(path)],
+                                cwd=Path(__file__).resolve().parents[2], env=env_without_proxies(),
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        with contextlib.suppress(httpx.HTTPError):
+            if HTTP.get(url + "/ready", timeout=1).status_code == 200:
+                return proc, url, log_path
+        assert time.monotonic() < deadline, "router never became ready:\n" + log_path.read_text()[-3000:]
+        time.sleep(0.1)
 
 
 @dataclass
