@@ -54,11 +54,12 @@ class SegmentCache:
         ids: list[int] = []
         prev = 0
         for cut in [*cut_points(text, self.chunk_chars), len(text)]:
-            ids.extend(self._chunk(text[prev:cut]))
+            ids.extend(self.encode_chunk(text[prev:cut]))
             prev = cut
         return ids
 
-    def _chunk(self, chunk: str) -> list[int]:
+    def encode_chunk(self, chunk: str) -> list[int]:
+        """Ids of one chunk (a piece ``cut_points`` delimits), from the cache when seen before."""
         with self._lock:
             cached = self._lru.get(chunk)
             if cached is not None:

@@ -24,7 +24,9 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from router.hashing.chain_memo import ChainMemo, Encoded
 from router.hashing.segments import SegmentCache, piecewise_is_exact
+from router.types import BlockKey
 
 # A template that loops over message content expects OpenAI-style lists of parts;
 # any other template gets the parts' text joined with newlines, as vLLM's "auto" does.
@@ -70,6 +72,7 @@ class ModelTokenizer:
             self._template = env.from_string(chat_template)
             self._content_as_parts = bool(_ITERATES_CONTENT.search(chat_template))
         self._segments: SegmentCache | None = None
+        self._memo: ChainMemo | None = None
         self._special_around: tuple[list[int], list[int]] | None = None
         self.enable_segment_cache()
 
@@ -78,9 +81,10 @@ class ModelTokenizer:
         plain = self._plain_encode
         sample = [self.render_chat([{"role": "user", "content": "Hello there, how are you?"}])] if self._template else []
         if not piecewise_is_exact(plain, sample):
-            self._segments = None
+            self._segments = self._memo = None
             return False
         self._segments = SegmentCache(plain, chunk_chars=chunk_chars, max_entries=max_entries)
+        self._memo = ChainMemo(self._segments, max_entries=max_entries)
         with_sp, without = self._tok.encode("a b", add_special_tokens=True).ids, plain("a b")
         for i in range(len(with_sp) - len(without) + 1):
             if with_sp[i : i + len(without)] == without:
@@ -131,6 +135,21 @@ class ModelTokenizer:
             return self._ids(text, add_special_tokens=True)
         head, tail = self._special_around
         return [*head, *segments.encode(text), *tail]
+
+    def encode_keys(self, text: str, *, add_special_tokens: bool, block_size: int,
+                    seed: BlockKey) -> Encoded | None:
+        """Token count and block keys of ``text`` as ``encode`` would tokenize it, reusing the
+        work of earlier prompts with the same prefix (``chain_memo``); None when this tokenizer
+        cannot be encoded piecewise (the caller then encodes and hashes the whole text)."""
+        memo = self._memo
+        if memo is None:
+            return None
+        if not add_special_tokens:
+            return memo.encode(text, (), (), block_size, seed)
+        if self._special_around is None:
+            return None
+        head, tail = self._special_around
+        return memo.encode(text, head, tail, block_size, seed)
 
     def encode_completion(self, prompt: str) -> list[int]:
         return self.encode(prompt, add_special_tokens=True)

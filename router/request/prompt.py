@@ -24,7 +24,7 @@ from pathlib import Path
 
 from router.config import RouterConfig
 from router.errors import BadRequest, TemplateRejected
-from router.hashing.keys import MAX_TOKEN_ID, cacheable_blocks, prompt_keys
+from router.hashing.keys import MAX_TOKEN_ID, cacheable_blocks, first_link_seed, prompt_keys
 from router.hashing.tokenizer import ModelTokenizer, TemplateError
 from router.metrics import STAGE_SECONDS, TOKENIZER_APPROXIMATE
 from router.request.model import RoutingRequest
@@ -97,6 +97,13 @@ class PromptEncoder:
         if tok is None:
             return self._approximate(req, block_size)
         text, special = self._render(req, tok)
+        if req.truncate_prompt_tokens is None and tok.segment_cache is not None:
+            if len(text) > THREAD_THRESHOLD_CHARS:
+                fast = await asyncio.to_thread(self._memo_keys, req, tok, text, special, block_size)
+            else:
+                fast = self._memo_keys(req, tok, text, special, block_size)
+            if fast is not None:
+                return fast
         if len(text) > THREAD_THRESHOLD_CHARS:
             ids = await asyncio.to_thread(self._tokenize, tok, text, special)
         else:
@@ -116,6 +123,21 @@ class PromptEncoder:
             raise TemplateRejected(str(exc), param="messages") from None
         _render_s.observe(time.perf_counter() - t0)
         return text, bool(req.add_special_tokens)
+
+    @staticmethod
+    def _memo_keys(req: RoutingRequest, tok: ModelTokenizer, text: str, special: bool,
+                   block_size: int) -> EncodedPrompt | None:
+        """Tokens and keys in one pass that skips the prefix earlier prompts shared (the
+        tokenize stage; hashing is inside it). None if the tokenizer cannot be used piecewise."""
+        t0 = time.perf_counter()
+        out = tok.encode_keys(text, add_special_tokens=special, block_size=block_size,
+                              seed=first_link_seed(req.model, req.cache_salt))
+        if out is None:
+            return None
+        _tokenize_s.observe(time.perf_counter() - t0)
+        return EncodedPrompt(keys=out.keys, prompt_tokens=out.tokens, block_size=block_size,
+                             cacheable_blocks=min(len(out.keys), cacheable_blocks(out.tokens, block_size)),
+                             approximate=False)
 
     @staticmethod
     def _tokenize(tok: ModelTokenizer, text: str, special: bool) -> array[int]:

@@ -1,0 +1,66 @@
+"""The chain memo (router.hashing.chain_memo) gives exactly the token count and keys of
+tokenizing the whole text and hashing every block, whatever earlier prompts filled it with:
+shared prefixes, other block sizes, other models or salts, with and without special tokens."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer
+
+from loadtest.bench.targets import MODEL_DIR
+from router.hashing.keys import first_link_seed, prompt_keys
+from router.hashing.segments import cut_points
+from router.hashing.tokenizer import ModelTokenizer
+
+_PLAIN = Tokenizer.from_file(str(MODEL_DIR / "tokenizer.json"))
+_WORDS = ["the", "cache", "Router", "x1", "42", "año", "naïve", "I'm", "--", "!!", "\n", "\n\n", "  ", "\t",
+          "日本", "😀", "don't", "3.14", "<s>", "</s>", "<|im_start|>", "block", "replica", "prefix"]
+
+
+def _tokenizer(chunk_chars: int) -> ModelTokenizer:
+    mt = ModelTokenizer.from_dir(MODEL_DIR)
+    assert mt.enable_segment_cache(chunk_chars=chunk_chars, max_entries=64)  # small: evictions happen
+    return mt
+
+
+def _expected(text: str, special: bool, block: int, model: str, salt: str | None) -> tuple[int, list[int]]:
+    ids = _PLAIN.encode(text, add_special_tokens=special).ids
+    return len(ids), prompt_keys(ids, block, model, salt)
+
+
+texts = st.lists(st.sampled_from(_WORDS) | st.text(max_size=6), min_size=0, max_size=150).map(" ".join)
+
+
+@settings(max_examples=60, deadline=None)
+@given(prefix=texts, tails=st.lists(texts, min_size=1, max_size=4), special=st.booleans(),
+       block=st.sampled_from([1, 3, 16, 32]), salt=st.sampled_from([None, "s1"]),
+       chunk_chars=st.sampled_from([8, 40, 256]))
+def test_memo_equals_whole_encode_then_hash(prefix: str, tails: list[str], special: bool, block: int,
+                                            salt: str | None, chunk_chars: int) -> None:
+    mt = _tokenizer(chunk_chars)
+    for model in ("m1", "m2"):
+        for tail in [*tails, *tails]:  # the second pass finds every chunk memoized
+            text = prefix + " " + tail
+            got = mt.encode_keys(text, add_special_tokens=special, block_size=block,
+                                 seed=first_link_seed(model, salt))
+            assert got is not None
+            assert (got.tokens, got.keys) == _expected(text, special, block, model, salt)
+
+
+def test_shared_prefix_is_served_from_the_memo() -> None:
+    mt = _tokenizer(64)
+    doc = " ".join(_WORDS * 20)
+    seed = first_link_seed("m", None)
+    mt.encode_keys(doc + " first question", add_special_tokens=True, block_size=16, seed=seed)
+    memo = mt._memo
+    assert memo is not None
+    misses = memo.misses
+    got = mt.encode_keys(doc + " second question", add_special_tokens=True, block_size=16, seed=seed)
+    assert got is not None and (got.tokens, got.keys) == _expected(doc + " second question", True, 16, "m", None)
+    assert memo.misses - misses <= 1  # at most the chunk where the two prompts part
+    assert memo.hits >= len(cut_points(doc, 64)) - 1  # every chunk of the document
+    # Another salt never reuses the first chain's entries.
+    other = mt.encode_keys(doc + " second question", add_special_tokens=True, block_size=16,
+                           seed=first_link_seed("m", "tenant-b"))
+    assert other is not None and not set(other.keys) & set(got.keys)
