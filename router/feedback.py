@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from router.config import RouterConfig
 from router.fleet.registry import Fleet
 from router.index.base import BlockIndex, IndexUnavailable
+from router.index.resilient import ResilientIndex
 from router.logs import log_decision
 from router.metrics import (
     CACHED_TOKENS,
@@ -75,6 +76,8 @@ class Feedback:
         self.index = index
         self.fleet = fleet
         self._tasks: set[asyncio.Task[None]] = set()
+        local = index.local if isinstance(index, ResilientIndex) else None
+        self._record_now = local.record_now if local is not None else None
 
     @staticmethod
     def predicted(r: Routed, backend: BackendId) -> int:
@@ -133,6 +136,9 @@ class Feedback:
             return
         b = self.fleet.get(backend)
         ttl = self.config.index.speculative_ttl_s if b is not None and b.precise else self.config.index.ttl_s
+        if self._record_now is not None:  # in-process: no task, nothing to wait for or fail
+            self._record_now(backend, keys, ttl_s=ttl)
+            return
         self._spawn(self._index_call(self.index.record(backend, keys, ttl_s=ttl)), "index-record")
 
     def _forget(self, r: Routed, backend: BackendId) -> None:

@@ -28,6 +28,7 @@ from router.errors import NoHealthyBackend, NotFound, RouterError, UpstreamTimeo
 from router.feedback import Feedback, requests_child
 from router.fleet.registry import Fleet
 from router.index.base import BlockIndex, IndexUnavailable
+from router.index.resilient import ResilientIndex
 from router.logs import log_decision
 from router.metrics import (
     DECISIONS,
@@ -90,6 +91,10 @@ class Pipeline:
         self.forwarder = forwarder
         self._rng = rng or random.Random()
         self.feedback = Feedback(config, index, fleet)
+        resilient = index if isinstance(index, ResilientIndex) else None
+        self._local = resilient.local if resilient is not None else None
+        """The in-process index, looked up without a coroutine (see ResilientIndex.local)."""
+        self._observe_lookup = resilient.observe_lookup if resilient is not None else lambda _s: None
         self.tenancy = Tenancy(config.auth)
         self._block_pinned = "block_size" in config.model_fields_set
         self.admission = AdmissionQueue(config.admission) if config.admission.max_concurrency_per_backend else None
@@ -121,10 +126,14 @@ class Pipeline:
         available = True
         matched: Mapping[BackendId, int] = {}
         if enc.keys:
-            try:
-                matched = await self.index.lookup(enc.keys)
-            except IndexUnavailable:
-                available = False  # counted and logged by the index's metrics wrapper
+            if self._local is not None:
+                matched = self._local.lookup_now(enc.keys)
+                self._observe_lookup(time.perf_counter() - t0)
+            else:
+                try:
+                    matched = await self.index.lookup(enc.keys)
+                except IndexUnavailable:
+                    available = False  # counted and logged by the index's metrics wrapper
         candidates = self.fleet.candidates(req.model, matched)
         _lookup_stage.observe(time.perf_counter() - t0)
         route = RouteRequest(model=req.model, keys=tuple(enc.keys), prompt_tokens=enc.prompt_tokens,
@@ -201,7 +210,8 @@ class Pipeline:
         headers = {"content-type": "application/json", "x-request-id": r.request_id}
         try:
             opened = await self.forwarder.open(ranked, PATHS[r.req.kind], r.body, headers,
-                                               stream=r.req.stream, deadline=r.deadline)
+                                               stream=r.req.stream, deadline=r.deadline,
+                                               prefill=functools.partial(self._uncached, r))
         except RouterError as exc:
             r.outcome, r.status = ("timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error"), exc.status
             self.finish(r, None, None)
@@ -216,6 +226,10 @@ class Pipeline:
         if opened.status >= 400:
             r.outcome = "client_error" if opened.status < 500 else "upstream_error"
         return opened
+
+    def _uncached(self, r: Routed, backend: BackendId) -> int:
+        """Prompt tokens ``backend`` is predicted to prefill (the scheduler's pending-prefill count)."""
+        return r.gathered.enc.prompt_tokens - self.feedback.predicted(r, backend)
 
     def predicted(self, r: Routed, backend: BackendId) -> int:
         return self.feedback.predicted(r, backend)

@@ -49,13 +49,26 @@ class MemoryBlockIndex:
         return runs
 
     async def record(self, replica: BackendId, keys: Sequence[BlockKey], *, ttl_s: float | None) -> None:
+        self.record_now(replica, keys, ttl_s=ttl_s)
+
+    def record_now(self, replica: BackendId, keys: Sequence[BlockKey], *, ttl_s: float | None) -> None:
+        """``record`` without the coroutine: nothing here waits or fails."""
         expiry = _NEVER if ttl_s is None else self._clock() + ttl_s
         lru = self._lru.setdefault(replica, {})
-        for key in keys:
-            old = lru.pop(key, None)
-            exp = expiry if old is None else max(old, expiry)
-            lru[key] = exp
-            self._holders.setdefault(key, {})[replica] = exp
+        # Most of a prompt's keys are usually held already (its shared prefix): take them
+        # all out and put them back at the young end in C-level passes, and touch the
+        # holders map only for the new ones. TTLs only extend: an entry recorded earlier
+        # with a longer TTL keeps its expiry.
+        olds = list(map(lru.pop, keys, repeat(None)))
+        lru.update(dict.fromkeys(keys, expiry))
+        if any(old is not None and old > expiry for old in olds):
+            for key, old in zip(keys, olds, strict=True):
+                if old is not None and old > lru[key]:
+                    lru[key] = old
+        holders = self._holders
+        for key, old in zip(keys, olds, strict=True):
+            if old is None:
+                holders.setdefault(key, {})[replica] = expiry
         self._trim(replica)
 
     async def remove(self, replica: BackendId, keys: Sequence[BlockKey]) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 from router.index.base import BlockIndex, IndexUnavailable
+from router.index.memory import MemoryBlockIndex
 from router.metrics import INDEX_BLOCKS, INDEX_DEGRADED, INDEX_ERRORS, INDEX_LOOKUP_SECONDS
 from router.types import BackendId, BlockKey
 
@@ -72,6 +73,17 @@ class ResilientIndex:
         finally:
             if self._metrics:
                 self._lookup_seconds.observe(time.perf_counter() - t0)
+
+    @property
+    def local(self) -> MemoryBlockIndex | None:
+        """The in-process index inside, if that is what this wraps: its ``lookup_now`` and
+        ``record_now`` cannot fail or wait, so the hot path calls them without a coroutine
+        (or a task) per request; lookups still go through ``observe_lookup``."""
+        return self.inner if isinstance(self.inner, MemoryBlockIndex) else None
+
+    def observe_lookup(self, seconds: float) -> None:
+        if self._metrics:
+            self._lookup_seconds.observe(seconds)
 
     async def record(self, replica: BackendId, keys: Sequence[BlockKey], *, ttl_s: float | None) -> None:
         await self._guard("record", lambda: self.inner.record(replica, keys, ttl_s=ttl_s))
