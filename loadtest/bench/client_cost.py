@@ -1,11 +1,13 @@
-"""CPU per proxied POST of the upstream client alone: aiohttp (the router's) vs a minimal
-keep-alive HTTP/1.1 client on ``asyncio.Protocol`` + httptools' response parser.
+"""CPU per proxied POST of the upstream client alone: the router's clients (h1, aiohttp)
+vs a minimal keep-alive HTTP/1.1 client on ``asyncio.Protocol`` + httptools' response parser.
 
-``python -m loadtest.bench.client_cost [--requests 20000] [--concurrency 32] [--size 2000]``
+``python -m loadtest.bench.client_cost [--requests 10000] [--concurrency 1,32] [--sizes 100,2000]``
 starts nginx (fixed answers, as in ``loadtest.overhead``) and posts the same body with each
-client, interleaved, printing CPU µs per request. The minimal client is a measuring stick
-(what a leaner upstream client could save), not the router's: it has no timeouts, retries
-on stale connections, flow control or error mapping.
+client, interleaved, printing CPU µs per request (best of 3 rounds). aiohttp and h1 run
+through the router's ``UpstreamClient`` interface (``router.proxy.client.make_client``, open
+then read), as forward.py uses them. The minimal client is a measuring stick (the floor),
+not the router's: it has no timeouts, retries on stale connections, flow control or error
+mapping.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import aiohttp
 import httptools
 import uvloop
 
 from loadtest.bench import targets as tg
 from loadtest.bench.procs import free_port
 from loadtest.bench.prompts import completion_body
+from router.config import ProxyConfig, TimeoutsConfig
+from router.proxy.client import make_client
 
 
 class _Conn(asyncio.Protocol):
@@ -34,6 +37,7 @@ class _Conn(asyncio.Protocol):
         self.body: list[bytes] = []
         self.headers: list[tuple[bytes, bytes]] = []
         self.done: asyncio.Future[bytes] | None = None
+        self.keep_alive = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # uvloop's TCPTransport is not an asyncio.Transport subclass
@@ -49,6 +53,9 @@ class _Conn(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         assert self.done is not None
+        # Only valid inside this callback: once it returns llhttp resets for the next message and
+        # should_keep_alive() answers False (asking later made this stick reconnect every request).
+        self.keep_alive = self.parser.should_keep_alive()
         self.done.set_result(b"".join(self.body))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -72,7 +79,7 @@ class MinimalClient:
         out = await conn.done
         if conn.parser.get_status_code() != 200:
             raise RuntimeError(f"nginx answered {conn.parser.get_status_code()}")
-        if conn.parser.should_keep_alive():
+        if conn.keep_alive:
             self.idle.append(conn)
         return out
 
@@ -92,40 +99,51 @@ async def _run(name: str, call: object, n: int, concurrency: int) -> float:
 async def _measure(backend: str, size: int, n: int, concurrency: int) -> None:
     body = completion_body(size).replace("__UNIQUE__", "x").encode()
     headers = {"content-type": "application/json", "x-request-id": "bench-1"}
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4096, limit_per_host=0),
-                                    auto_decompress=False, headers={"accept-encoding": "identity"},
-                                    trust_env=False, skip_auto_headers=("User-Agent",))
+    url = backend + "/v1/completions"
+    timeouts = TimeoutsConfig()
+    clients = {name: make_client(ProxyConfig(client=name), timeouts) for name in ("h1", "aiohttp")}
     minimal = MinimalClient(backend)
 
-    async def via_aiohttp() -> None:
-        async with session.post(backend + "/v1/completions", data=body, headers=headers) as resp:
-            assert resp.status == 200 and await resp.read()
+    def via(name: str) -> object:
+        client = clients[name]
+
+        async def call() -> None:
+            resp = await client.open(url, body, headers)
+            try:
+                assert resp.status == 200 and await resp.read()
+            finally:
+                await resp.aclose()
+        return call
 
     async def via_minimal() -> None:
         await minimal.post("/v1/completions", body, [*headers.items(), ("accept-encoding", "identity")])
 
-    for call in (via_aiohttp, via_minimal):  # warm-up: connections, first-call costs
+    calls = {"minimal": via_minimal, "aiohttp": via("aiohttp"), "h1": via("h1")}
+    for call in calls.values():  # warm-up: connections, first-call costs
         await _run("warm", call, 500, concurrency)
-    results: dict[str, list[float]] = {"aiohttp": [], "minimal": []}
+    results: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(3):
-        results["aiohttp"].append(await _run("aiohttp", via_aiohttp, n, concurrency))
-        results["minimal"].append(await _run("minimal", via_minimal, n, concurrency))
-    await session.close()
+        for name, call in calls.items():
+            results[name].append(await _run(name, call, n, concurrency))
+    for client in clients.values():
+        await client.aclose()
     for name, cpu in results.items():
-        print(f"{name:>8}: {size} tok body, CPU {min(cpu):5.0f} µs/request (best of 3; all: "
-              + ", ".join(f"{c:.0f}" for c in cpu) + ")", flush=True)
+        print(f"{name:>8}: {size:>5} tok body, concurrency {concurrency:>3}: CPU {min(cpu):5.0f} µs/request "
+              "(best of 3; all: " + ", ".join(f"{c:.0f}" for c in cpu) + ")", flush=True)
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.bench.client_cost", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=20000)
-    ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--size", type=int, default=2000)
+    ap.add_argument("--requests", type=int, default=10000)
+    ap.add_argument("--concurrency", default="1,32", help="comma-separated")
+    ap.add_argument("--sizes", default="100,2000", help="prompt tokens, comma-separated")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cr-client-") as tmp, \
             tg.nginx_proc(Path(tmp), free_port(), {}) as backend:
-        uvloop.run(_measure(backend, args.size, args.requests, args.concurrency))
+        for size in (int(s) for s in args.sizes.split(",")):
+            for concurrency in (int(c) for c in args.concurrency.split(",")):
+                uvloop.run(_measure(backend, size, args.requests, concurrency))
     return 0
 
 

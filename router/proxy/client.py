@@ -4,8 +4,9 @@
 the body is pulled chunk by chunk with ``UpstreamResponse.chunks()``. Everything the
 transport can raise is translated here into the three exceptions below, so the choice of
 client never leaks into the rest of the proxy. ``make_client`` picks it from
-``proxy.client``: aiohttp by default (its C parser made a proxied request 5-15x cheaper in
-CPU than httpx here; see ProxyConfig.client), httpx as the pure-Python alternative.
+``proxy.client``: "h1" (``router.proxy.h1``, a lean HTTP/1.1 client on asyncio.Protocol and
+httptools), "aiohttp" (its C parser made a proxied request 5-15x cheaper in CPU than httpx
+here), or httpx as the pure-Python alternative; the figures are at ProxyConfig.client.
 
 Timeouts: the transport enforces connect and pool waits; time to first byte, idle gaps
 and the total are enforced by ``router.proxy.forward`` with asyncio deadlines, because they
@@ -196,6 +197,10 @@ class AiohttpUpstream:
 
 def make_client(proxy: ProxyConfig, timeouts: TimeoutsConfig) -> UpstreamClient:
     """The configured client; call inside the running event loop (aiohttp binds to it)."""
+    if proxy.client == "h1":
+        from router.proxy.h1 import H1Upstream  # h1 imports this module's exceptions
+
+        return H1Upstream(proxy, timeouts)
     if proxy.client == "httpx":
         return HttpxUpstream(proxy, timeouts)
     return AiohttpUpstream(proxy, timeouts)

@@ -13,7 +13,7 @@ import pytest
 
 from tests.support.router import HTTP, metric, running_router, scripted_engines
 
-CLIENTS = pytest.mark.parametrize("client", ["aiohttp", "httpx"])  # both UpstreamClient implementations
+CLIENTS = pytest.mark.parametrize("client", ["h1", "aiohttp", "httpx"])  # every UpstreamClient implementation
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 20
 
 

@@ -58,7 +58,7 @@ def tarpit(port: int) -> Iterator[None]:
         server.close()
 
 
-@pytest.mark.parametrize("client", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("client", ["h1", "aiohttp", "httpx"])
 def test_connect_timeout_is_retried_on_another_replica(client: str) -> None:
     with scripted_engines(2) as (good, doomed):
         health = {"interval_s": 60.0, "timeout_s": 0.5}  # no probe in between: only the request sees it
