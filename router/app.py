@@ -16,13 +16,15 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
 
-from router.api import routes
-from router.api.errors import http_exception, unhandled
+from router.api import hot_routes, routes
+from router.api.errors import Endpoint, guarded, http_exception, unhandled
 from router.config import RouterConfig
 from router.events.ingest import EventIngest
 from router.fleet.discovery import Discovery
@@ -102,6 +104,29 @@ def _wire(config: RouterConfig, index: BlockIndex, fleet: Fleet) -> None:
     fleet.on_capacity(capacity)
 
 
+class RouterApp(Starlette):
+    """Starlette, with the two OpenAI POST endpoints dispatched before its middleware stack.
+
+    Their endpoints already turn every error into an answer (``errors.guarded``) and their
+    response object catches what escapes while streaming, so Starlette's error middleware
+    and router only added two ``send`` wrappers and a route walk per request: about 5% of
+    the router's CPU on a 2k-token completion (py-spy, wrk at 32 connections). Every other
+    path, method and the lifespan go through Starlette as before.
+    """
+
+    _HOT: ClassVar[dict[str, Endpoint]] = {path: guarded(endpoint) for path, endpoint in hot_routes().items()}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self._HOT.get(scope["path"])
+            if endpoint is not None:
+                scope["app"] = self
+                response = await endpoint(Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(config: RouterConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -159,5 +184,5 @@ def create_app(config: RouterConfig) -> Starlette:
             if liveness is not None:
                 await liveness.stop()
 
-    return Starlette(routes=routes(), lifespan=lifespan,
+    return RouterApp(routes=routes(), lifespan=lifespan,
                      exception_handlers={HTTPException: http_exception, Exception: unhandled})

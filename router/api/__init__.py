@@ -9,7 +9,13 @@ from __future__ import annotations
 from starlette.routing import Route
 
 from router.api import admin, openai
-from router.api.errors import guarded
+from router.api.errors import Endpoint, guarded
+
+
+def hot_routes() -> dict[str, Endpoint]:
+    """The POST endpoints every proxied request takes (unguarded; ``router.app.RouterApp``
+    dispatches them before Starlette's middleware; ``routes()`` still lists them)."""
+    return {"/v1/completions": openai.completions, "/v1/chat/completions": openai.chat_completions}  # type: ignore[dict-item]
 
 
 def routes() -> list[Route]:
