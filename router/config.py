@@ -66,6 +66,23 @@ class SchedulingConfig(_Section):
     """Affinity is kept only among replicas whose load (in-flight + engine queue) is within
     ``load_band`` + ``load_band_ratio`` * least load of the least loaded replica."""
     load_band_ratio: float = Field(default=0.25, ge=0)
+    # cache_aware's time model (router/scheduling/cost.py): expected TTFT on a replica = its
+    # queued prefill + running requests + this prompt's uncached prefill; the lowest wins.
+    # Only the ratios matter (the scale cancels when replicas are compared). Sized on the
+    # simulated vLLM engine of the demo (loadtest/engine/timing.py: 1 ms + 0.04 ms per
+    # uncached token on one compute timeline); a 7-8B model on one GPU prefills 10-30k
+    # tokens/s (0.03-0.1 ms per token) with a step overhead of about a millisecond.
+    prefill_ms_per_token: float = Field(default=0.04, gt=0)
+    """cache_aware: prefill time per uncached prompt token (what a cache hit saves)."""
+    prefill_base_ms: float = Field(default=1.0, ge=0)
+    """cache_aware: fixed prefill cost of every request (a hit still pays it)."""
+    running_ms: float = Field(default=0.25, ge=0)
+    """cache_aware: delay a request past its first token adds to a new prefill (decode steps
+    share the engine); small, as a running decode costs a new prompt far less than a queued prefill."""
+    prefill_weight: float = Field(default=2.0, ge=1.0)
+    """cache_aware: weight of the request's own prefill against the queue it waits behind. Above 1,
+    because a miss's prefill also delays every request that arrives behind it on that engine; at 1
+    (its own TTFT only) the simulated multi-turn fleet lost a tenth of its hits for no p99 gain."""
     session_header: str | None = None
     """If set, requests carrying this header stick to one replica while it stays in the load band."""
     metrics_staleness_s: float = Field(default=5.0, gt=0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from router.api.errors import error_response, internal_error
 from router.errors import RouterError
@@ -22,33 +22,28 @@ _KEEP = frozenset({b"content-type", b"content-encoding"})  # upstream headers th
 
 
 class ProxyResponse:
-    __slots__ = ("_closing", "_left", "pipeline", "routed")
+    __slots__ = ("_closing", "_left", "_started", "pipeline", "routed")
 
     def __init__(self, pipeline: Pipeline, routed: Routed) -> None:
         self.pipeline = pipeline
         self.routed = routed
         self._left = False
         self._closing = False
+        self._started = False
+        """The answer's head was handed to the server: a failure now can only end the body."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         main = asyncio.current_task()
         assert main is not None
         watcher = asyncio.create_task(self._watch(receive, main), name="client-disconnect-watch")
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
         try:
-            await self._serve(scope, receive, tracked)
+            await self._serve(scope, receive, send)
         except asyncio.CancelledError:
             if not self._left:
                 raise
             main.uncancel()
         except Exception as exc:  # a bug: never let a traceback (or a prompt) reach the client
-            if not started:
+            if not self._started:
                 await internal_error(exc, scope["path"])(scope, receive, send)
             else:
                 internal_error(exc, scope["path"])  # logged; the stream just ends
@@ -69,7 +64,7 @@ class ProxyResponse:
         try:
             opened = await self.pipeline.dispatch(r)
         except RouterError as exc:
-            self._closing = True
+            self._closing = self._started = True
             await error_response(exc)(scope, receive, send)
             return
         headers = [(k, v) for k, v in opened.headers if k.lower() in _KEEP]
@@ -81,13 +76,14 @@ class ProxyResponse:
         if opened.response is None:
             self.pipeline.complete(r, opened)
             headers.append((b"content-length", str(len(opened.first)).encode()))
-            self._closing = True
+            self._closing = self._started = True
             await send({"type": "http.response.start", "status": opened.status, "headers": headers})
             await send({"type": "http.response.body", "body": opened.first, "more_body": False})
             return
         headers.append((b"cache-control", b"no-cache"))
 
         async def start() -> None:
+            self._started = True
             await send({"type": "http.response.start", "status": opened.status, "headers": headers})
 
         async def body(chunk: bytes) -> None:

@@ -36,6 +36,10 @@ class Backend:
     draining: bool = False
     in_flight: int = 0
     """Requests dispatched and not yet finished streaming, from this router."""
+    prefilling: int = 0
+    """Of ``in_flight``: requests not yet answered with a first byte (queued or prefilling)."""
+    prefill_tokens: int = 0
+    """Their predicted uncached prompt tokens: prefill work the replica has still to do."""
     shared_in_flight: int = 0
     """In-flight counts of the other router replicas (Redis), when shared."""
     load: EngineLoad = field(default_factory=EngineLoad)

@@ -143,17 +143,33 @@ class Fleet:
                 b.id, matched.get(b.id, 0), b.in_flight + b.shared_in_flight,
                 s.waiting if s else None, s.running if s else None, s.kv_usage if s else None,
                 b.healthy, not r.breaker.allows(now), b.draining, True, cap,
+                b.prefilling, b.prefill_tokens,
             ))
         return out
 
-    def acquire(self, backend_id: BackendId) -> None:
-        """A request was dispatched to the replica (counted until its stream ends)."""
+    def acquire(self, backend_id: BackendId, prefill_tokens: int = 0) -> None:
+        """A request was dispatched to the replica (counted until its stream ends).
+
+        It also counts as prefilling, with ``prefill_tokens`` predicted uncached prompt
+        tokens, until ``first_byte`` says its answer started (the scheduler's time model)."""
         r = self._replicas.get(backend_id)
         if r is None:
             return
         r.backend.in_flight += 1
+        r.backend.prefilling += 1
+        r.backend.prefill_tokens += max(0, prefill_tokens)
         r.breaker.on_dispatch(self._clock())
         _gauges(backend_id)[0].set(r.backend.in_flight)
+
+    def first_byte(self, backend_id: BackendId, prefill_tokens: int = 0) -> None:
+        """The attempt ``acquire`` counted has its first byte (or failed before it): its
+        prefill is done. Called once per ``acquire``, with the same ``prefill_tokens``."""
+        r = self._replicas.get(backend_id)
+        if r is None:
+            return
+        b = r.backend
+        b.prefilling = max(0, b.prefilling - 1)
+        b.prefill_tokens = max(0, b.prefill_tokens - max(0, prefill_tokens)) if b.prefilling else 0
 
     def release(self, backend_id: BackendId, ok: bool) -> None:
         """The request ended; ``ok=False`` (connect error, 5xx, broken stream) feeds the breaker."""

@@ -59,25 +59,32 @@ class Forwarder:
         """Called after every released slot (admission control wakes its queue)."""
 
     async def open(self, ranked: Sequence[BackendId], path: str, body: bytes, headers: Mapping[str, str],
-                   *, stream: bool, deadline: float) -> Opened:
-        """Try ``ranked`` in order until one answers; ``deadline`` is the monotonic end of the total timeout."""
+                   *, stream: bool, deadline: float, prefill: Callable[[BackendId], int] | None = None) -> Opened:
+        """Try ``ranked`` in order until one answers; ``deadline`` is the monotonic end of the total timeout.
+
+        ``prefill(backend)``: the prompt tokens that replica is predicted to compute, counted
+        as its pending prefill from dispatch to the first byte (``Fleet.first_byte``)."""
         last: UpstreamFailure | None = None
         for attempt, backend in enumerate(ranked[: self.max_retries + 1]):
             if last is not None:
                 RETRIES.labels(last.reason).inc()
             if time.monotonic() >= deadline:
                 break
-            self.fleet.acquire(backend)
+            tokens = prefill(backend) if prefill is not None else 0
+            self.fleet.acquire(backend, tokens)
             try:
                 opened = await self._attempt(backend, path, body, headers, stream, deadline)
             except UpstreamFailure as exc:
+                self.fleet.first_byte(backend, tokens)
                 self._release(backend, False)
                 last = exc
                 continue
             except BaseException:
                 # Cancelled by the client or the server: not the replica's fault.
+                self.fleet.first_byte(backend, tokens)
                 self._release(backend, True)
                 raise
+            self.fleet.first_byte(backend, tokens)
             opened.attempts = attempt + 1
             if opened.response is None:
                 self.release(opened, ok=opened.status < 500)

@@ -34,6 +34,10 @@ class Candidate(NamedTuple):
     draining: bool = False
     serves_model: bool = True
     max_concurrency: int | None = None
+    prefilling: int = 0
+    """Of ``in_flight``, requests from this router not yet answered with a first byte."""
+    prefill_tokens: int = 0
+    """Their predicted uncached prompt tokens: the prefill work queued ahead of a new request."""
 
 
 @dataclass(frozen=True, slots=True)
