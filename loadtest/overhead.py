@@ -66,6 +66,8 @@ class Result:
     """CPU time the target's processes spent per answered request (median of the runs)."""
     stages_us: dict[str, float] = field(default_factory=dict)
     """cache-router only: mean µs per stage (its own histograms) over this row's runs."""
+    paced: Cell | None = None
+    """Latency below saturation: ``--paced-rps`` offered over the same connections (medians)."""
 
 
 def machine() -> str:
@@ -161,6 +163,12 @@ def _measure(rows: list[Row], targets: list[str], backend: str, proxy: str, args
                 for t, started in urls.items():
                     runs[t].append(_probed_run(started, row.path, body, args))
             stages = {t: stage_means_us(before[t], stage_totals(urls[t][0])) for t in routers}
+            paced: dict[str, list[Cell]] = {t: [] for t in urls}
+            # Streamed rows' simulated engine saturates near such rates itself: nginx rows only.
+            for _ in range(args.repeats if args.paced_rps and row.backend == "nginx" else 0):
+                for t, (url, _, _) in urls.items():
+                    paced[t].append(run_wrk(url, row.path, body, connections=args.connections,
+                                            duration=args.duration, threads=args.threads, rate=args.paced_rps))
             for t, rs in runs.items():
                 cells = [c for c, _, _, _ in rs]
                 cpus = [u for _, _, u, _ in rs if u is not None]
@@ -170,13 +178,21 @@ def _measure(rows: list[Row], targets: list[str], backend: str, proxy: str, args
                 health = _worst([h for _, h, _, _ in rs])
                 lives = [lv for _, _, _, lv in rs if lv is not None]
                 out[row.label][t] = Result(med, health, _worst(lives) if lives else None, cells,
-                                           statistics.median(cpus) if cpus else None, stages.get(t, {}))
+                                           statistics.median(cpus) if cpus else None, stages.get(t, {}),
+                                           _median_cell(paced[t]))
                 print(f"  {row.label:32} {t:22} {med.rps:9,.0f} req/s  p50 {med.p50_ms:7.2f} ms  "
                       f"p99 {med.p99_ms:7.2f} ms  /health p99 {health.p99_ms:6.1f} ms"
                       + (f" (liveness port {out[row.label][t].liveness.p99_ms:.1f})"  # type: ignore[union-attr]
                          if out[row.label][t].liveness else "")
                       + (f"  CPU {statistics.median(cpus):6.0f} us/req" if cpus else ""), flush=True)
     return out
+
+
+def _median_cell(cells: list[Cell]) -> Cell | None:
+    if not cells:
+        return None
+    return Cell(statistics.median(c.rps for c in cells), statistics.median(c.p50_ms for c in cells),
+                statistics.median(c.p99_ms for c in cells), sum(c.errors for c in cells), sum(c.requests for c in cells))
 
 
 def main(argv: list[str]) -> int:
@@ -190,6 +206,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--paced-rps", type=float, default=400.0,
+                    help="also measure latency with this many requests/s offered over the same connections "
+                         "(below every target's saturation: the added latency of one request); 0 = skip")
     ap.add_argument("--targets", default="direct,nginx,cache-router,cache-router-redis,sglang-router",
                     help="comma-separated; NAME:N runs N router workers")
     ap.add_argument("--router-arg", action="append", default=[], help="extra flag for cache-router serve")
@@ -260,6 +279,21 @@ def print_table(results: dict[str, dict[str, Result]], targets: list[str], args:
         first, direct = (cells.get(routers[0]) if routers else None), cells.get("direct")
         added = f"{first.cell.p50_ms - direct.cell.p50_ms:.2f}" if first and direct else "n/a"
         print(f"| {label} | " + " | ".join(parts) + " | " + " | ".join(ratios) + f" | {added} |")
+    if any(r.paced for cells in results.values() for r in cells.values()):
+        print(f"\nLatency below saturation: about {args.paced_rps:,.0f} requests/s offered over the same "
+              f"{args.connections} connections (wrk pacing each with a random 0-2x mean delay); "
+              "achieved req/s, p50 / p99 ms, and each target's p50 minus direct's:\n")
+        print("| prompt | " + " | ".join(targets) + " | " + " | ".join(f"added p50 {t}" for t in targets
+                                                                   if t != "direct") + " |")
+        print("|" + "---|" * (2 * len(targets) + ("direct" not in targets)))
+        for label, cells in results.items():
+            pc = {t: cells[t].paced for t in targets if t in cells}
+            base = pc.get("direct")
+            parts = ["n/a" if c is None else f"{c.rps:,.0f} ({c.p50_ms:.2f} / {c.p99_ms:.2f})"
+                     + (f" **{c.errors} err**" if c.errors else "") for c in (pc.get(t) for t in targets)]
+            added = [f"{c.p50_ms - base.p50_ms:+.2f}" if c is not None and base is not None else "n/a"
+                     for t in targets if t != "direct" for c in (pc.get(t),)]
+            print(f"| {label} | " + " | ".join(parts) + " | " + " | ".join(added) + " |")
     print("\nCPU time of the target's processes per answered request (µs; what it costs, whatever share "
           "of the cores it got):\n")
     measured = [t for t in targets if any(c.get(t) and c[t].cpu_us for c in results.values())]

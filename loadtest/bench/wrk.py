@@ -26,6 +26,15 @@ request = function()
 end
 """
 
+WRK_PACED_LUA = """
+delay = function()
+  return math.random(0, {twice_ms})
+end
+"""
+"""Pacing for a latency run below saturation: each connection waits a random 0..2d ms
+(mean d) after every answer, so ``connections`` of them offer about connections / d
+requests per second whatever the target's speed."""
+
 
 @dataclass
 class Cell:
@@ -71,9 +80,14 @@ def parse_wrk(out: str) -> Cell:
     return Cell(rps, p50, p99, errors, requests)
 
 
-def run_wrk(url: str, path: str, body_file: Path, *, connections: int, duration: float, threads: int) -> Cell:
-    script = body_file.with_suffix(".lua")
-    script.write_text(WRK_LUA.format(body=body_file, path=path))
+def run_wrk(url: str, path: str, body_file: Path, *, connections: int, duration: float, threads: int,
+            rate: float | None = None) -> Cell:
+    """One wrk run; ``rate``: offer about this many requests/s in all (paced) instead of saturating."""
+    script = body_file.with_suffix(".paced.lua" if rate else ".lua")
+    lua = WRK_LUA.format(body=body_file, path=path)
+    if rate:
+        lua += WRK_PACED_LUA.format(twice_ms=max(1, round(2 * 1000 * connections / rate)))
+    script.write_text(lua)
     out = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "--timeout", "10s",
          "-s", str(script), url], capture_output=True, text=True, timeout=duration + 60, check=True).stdout
