@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from itertools import repeat, takewhile
+from itertools import compress, repeat, takewhile
+from operator import is_
 
 from router.types import BackendId, BlockKey
 
@@ -61,13 +62,15 @@ class MemoryBlockIndex:
         # with a longer TTL keeps its expiry.
         olds = list(map(lru.pop, keys, repeat(None)))
         lru.update(dict.fromkeys(keys, expiry))
-        if any(old is not None and old > expiry for old in olds):
+        fresh = olds.count(None)
+        held = olds if not fresh else [old for old in olds if old is not None]
+        if held and max(held) > expiry:
             for key, old in zip(keys, olds, strict=True):
                 if old is not None and old > lru[key]:
                     lru[key] = old
-        holders = self._holders
-        for key, old in zip(keys, olds, strict=True):
-            if old is None:
+        if fresh:
+            holders = self._holders
+            for key in compress(keys, map(is_, olds, repeat(None))):
                 holders.setdefault(key, {})[replica] = expiry
         self._trim(replica)
 
