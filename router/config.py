@@ -121,9 +121,12 @@ class ProxyConfig(_Section):
     max_connections: int = Field(default=4096, gt=0)
     max_keepalive: int = Field(default=1024, ge=0)
     keepalive_expiry_s: float = Field(default=30.0, gt=0)
-    client: Literal["h1", "aiohttp", "httpx"] = "aiohttp"
-    """aiohttp: measured 130-240 µs of CPU per proxied request against httpx's 1.1-2.3 ms
-    (loopback, nginx backend, 100 and 2k-token prompts, 1 and 32 concurrent)."""
+    client: Literal["h1", "aiohttp", "httpx"] = "h1"
+    """h1 (router/proxy/h1.py: asyncio.Protocol + httptools): 20-27 µs of CPU per upstream POST
+    against aiohttp's 109-174 µs (``python -m loadtest.bench.client_cost``: loopback nginx, 100
+    and 2k-token bodies, 1 and 32 concurrent), and the router's whole CPU per request fell from
+    600-840 µs to 415-545 µs (``python -m loadtest.bench.inprocess``, A/B alternating, 2026-11-29).
+    aiohttp before it: 130-240 µs against httpx's 1.1-2.3 ms."""
 
 
 class IndexConfig(_Section):
