@@ -69,7 +69,9 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self.fail(StreamBroken("the upstream switched protocols"))
         except httptools.HttpParserError as exc:
-            self.fail(StreamBroken(f"malformed answer from the upstream: {exc}"))
+            cause = exc.__context__  # what a callback raised (httptools chains it)
+            self.fail(cause if isinstance(cause, UpstreamFailure)
+                      else StreamBroken(f"malformed answer from the upstream: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -101,6 +103,10 @@ class Connection(asyncio.Protocol):
         if status < 200:  # 100 Continue, 103 Early Hints: interim, the real answer follows
             resp.headers, resp.framed, resp.interim = [], False, True
             return
+        if status == 408 and self.reused:
+            # Some servers say "408 Request Timeout" as they close an idle keep-alive socket; met by
+            # our request, it means the request was not read: stale, like a silent close (Go does too).
+            raise Stale("pooled connection timed out by the upstream (408)")
         resp.status = status
         resp.head_done = True
         resp.wake()

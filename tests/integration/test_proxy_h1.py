@@ -213,6 +213,29 @@ def test_stale_pooled_connection_is_resent_once_on_a_fresh_one(run: Runner) -> N
 
 
 @RUN
+def test_idle_timeout_408_on_a_pooled_connection_is_resent_but_a_fresh_408_is_an_answer(run: Runner) -> None:
+    timeout_408 = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+
+    async def handler(s: Scripted, conn: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await s.request(conn, reader)
+        writer.write(timeout_408 if conn == 3 else _ok())
+        await s.request(conn, reader)
+        writer.write(timeout_408)  # the server's idle timeout met the next request
+
+    with Scripted(handler) as server:
+        async def go() -> None:
+            client = _client()
+            assert (await _post(client, server.url + "/a", b"1"))[0] == 200
+            assert (await _post(client, server.url + "/a", b"2"))[0] == 200  # resent on connection 2
+            await client.aclose()
+            client = _client()
+            assert (await _post(client, server.url + "/a", b"3"))[0] == 408  # connection 3: a real answer
+            await client.aclose()
+        run(go())
+    assert server.requests == [(1, b"1"), (1, b"2"), (2, b"2"), (3, b"3")]
+
+
+@RUN
 def test_fresh_connection_closed_without_an_answer_is_broken_and_not_resent(run: Runner) -> None:
     async def handler(s: Scripted, conn: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await s.request(conn, reader)
