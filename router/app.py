@@ -34,6 +34,7 @@ from router.index import factory
 from router.index.base import BlockIndex, IndexUnavailable
 from router.index.resilient import ResilientIndex
 from router.liveness import LivenessListener
+from router.looplag import LoopLag
 from router.pipeline import Pipeline
 from router.proxy.client import make_client
 from router.proxy.forward import Forwarder
@@ -50,10 +51,11 @@ DISCOVERY_SYNC_S = 10.0
 short enough that a liveness probe does not kill a router whose API server is down."""
 
 
-def make_index(config: RouterConfig) -> BlockIndex:
+def make_index(config: RouterConfig, lag: LoopLag | None = None) -> BlockIndex:
     """The configured index, always behind ResilientIndex: it owns the index metrics
-    (lookup latency, errors, degraded, sizes) for every backend, so nobody counts twice."""
-    index: BlockIndex = factory.make_index(config)
+    (lookup latency, errors, degraded, sizes) for every backend, so nobody counts twice.
+    ``lag``: Redis deadlines stretch by this loop's own delay (router.looplag)."""
+    index: BlockIndex = factory.make_index(config, slack=lag.slack if lag is not None else lambda: 0.0)
     return index if isinstance(index, ResilientIndex) else ResilientIndex(index)
 
 
@@ -133,7 +135,9 @@ def create_app(config: RouterConfig) -> Starlette:
         liveness = LivenessListener(config.host, config.health_port) if config.health_port is not None else None
         if liveness is not None:
             await liveness.start()  # first: a liveness probe during start-up gets its answer
-        index = make_index(config)
+        lag = LoopLag()
+        await lag.start()
+        index = make_index(config, lag)
         fleet = Fleet(config)
         _wire(config, index, fleet)
         for b in fleet.backends():
@@ -181,6 +185,7 @@ def create_app(config: RouterConfig) -> Starlette:
             await fleet.stop()
             await client.aclose()
             await index.close()
+            await lag.stop()
             if liveness is not None:
                 await liveness.stop()
 

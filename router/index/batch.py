@@ -20,7 +20,8 @@ Op = tuple[BackendId, list[Any]]
 
 
 class WriteBatcher:
-    def __init__(self, flush: Callable[[list[Op]], Awaitable[None]], *, deadline_s: float = 1.0) -> None:
+    def __init__(self, flush: Callable[[list[Op]], Awaitable[None]], *,
+                 deadline_s: float | Callable[[], float] = 1.0) -> None:
         self._flush = flush
         self._deadline = deadline_s
         self._ops: list[Op] = []
@@ -48,7 +49,8 @@ class WriteBatcher:
 
     async def _run(self, ops: list[Op], done: asyncio.Future[None]) -> None:
         try:
-            async with asyncio.timeout(self._deadline):
+            deadline = self._deadline() if callable(self._deadline) else self._deadline
+            async with asyncio.timeout(deadline):
                 await self._flush(ops)
         except BaseException as exc:  # handed to every waiter; the task itself ends cleanly
             if not isinstance(exc, Exception):

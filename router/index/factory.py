@@ -9,6 +9,8 @@ replica); ``router.app`` wraps the in-process index the same way, and nothing el
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from router.config import RouterConfig
 from router.index.base import BlockIndex
 from router.index.memory import MemoryBlockIndex
@@ -16,7 +18,8 @@ from router.index.redis import RedisBlockIndex
 from router.index.resilient import ResilientIndex
 
 
-def make_index(config: RouterConfig) -> BlockIndex:
+def make_index(config: RouterConfig, *, slack: Callable[[], float] = lambda: 0.0) -> BlockIndex:
+    """``slack``: extra seconds Redis deadlines allow for this process's event-loop delay."""
     if config.redis_url is None:
         return MemoryBlockIndex()
     cfg = config.index
@@ -25,5 +28,6 @@ def make_index(config: RouterConfig) -> BlockIndex:
         namespace=cfg.namespace,
         deadline_ms=cfg.deadline_ms,
         cluster=True if cfg.cluster else None,  # None: let the URL's scheme decide
+        slack=slack,
     )
     return ResilientIndex(redis)

@@ -82,8 +82,11 @@ class RedisBlockIndex:
         cluster: bool = False,
         lookup_mode: LookupMode = "lua",
         clock: Callable[[], float] = time.monotonic,
+        slack: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._r = client
+        self._slack = slack
+        """Extra seconds each deadline allows for this process's own event-loop delay (LoopLag)."""
         self._ns = namespace
         self._deadline = deadline_ms / 1000.0
         self._cluster = cluster
@@ -101,7 +104,7 @@ class RedisBlockIndex:
         self._caps: dict[BackendId, int | None] = {}  # re-applied when Redis comes back empty
         self._caps_pending: set[BackendId] = set()
         self._init: asyncio.Task[None] | None = None
-        self._writes = WriteBatcher(self._flush_writes, deadline_s=self._deadline)
+        self._writes = WriteBatcher(self._flush_writes, deadline_s=lambda: self._deadline + slack())
 
     @classmethod
     def from_url(
@@ -113,13 +116,15 @@ class RedisBlockIndex:
         cluster: bool | None = None,
         lookup_mode: LookupMode = "lua",
         max_connections: int = 256,
+        slack: Callable[[], float] = lambda: 0.0,
     ) -> RedisBlockIndex:
         """``redis://host:port/db``; ``redis+cluster://host:port`` (or ``cluster=True``) for a Cluster."""
         client, is_cluster = connect(
             url, deadline_ms=deadline_ms, cluster=cluster, max_connections=max_connections
         )
         return cls(
-            client, namespace=namespace, deadline_ms=deadline_ms, cluster=is_cluster, lookup_mode=lookup_mode
+            client, namespace=namespace, deadline_ms=deadline_ms, cluster=is_cluster, lookup_mode=lookup_mode,
+            slack=slack,
         )
 
     @property
@@ -205,7 +210,7 @@ class RedisBlockIndex:
     async def _bounded(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run one index call under the deadline; every way Redis can fail becomes IndexUnavailable."""
         try:
-            async with asyncio.timeout(self._deadline):
+            async with asyncio.timeout(self._deadline + self._slack()):
                 if self._cluster and getattr(self._r, "_initialize", False):
                     await self._cluster_ready()
                 return await fn()

@@ -118,7 +118,7 @@ async def test_degraded_logged_once_and_gauge_follows(
 ) -> None:
     inner = RedisBlockIndex.from_url(own_redis.url, namespace=namespace, deadline_ms=DEADLINE_MS)
     await until_ok(lambda: inner.record(A, KEYS, ttl_s=None))  # warm first: a slow connect is an outage too
-    index = ResilientIndex(inner, retry_after_s=0.05)
+    index = ResilientIndex(inner, retry_after_s=0.05, fail_fast_after=1)
     try:
         caplog.set_level(logging.INFO, logger="cache_router.index")
         own_redis.kill()
@@ -140,7 +140,7 @@ async def test_degraded_logged_once_and_gauge_follows(
 
 async def test_fail_fast_while_degraded(own_redis: RedisServer, namespace: str) -> None:
     inner = RedisBlockIndex.from_url(own_redis.url, namespace=namespace, deadline_ms=DEADLINE_MS)
-    index = ResilientIndex(inner, retry_after_s=1.0)
+    index = ResilientIndex(inner, retry_after_s=1.0, fail_fast_after=1)
     try:
         await until_ok(lambda: index.record(A, KEYS, ttl_s=None))
         own_redis.pause()
@@ -173,7 +173,7 @@ async def test_a_flapping_index_is_reported_once(
 ) -> None:
     inner = RedisBlockIndex.from_url(own_redis.url, namespace=namespace, deadline_ms=DEADLINE_MS)
     await until_ok(lambda: inner.record(A, KEYS, ttl_s=None))  # warm first: a slow connect is an outage too
-    index = ResilientIndex(inner, retry_after_s=0.001)
+    index = ResilientIndex(inner, retry_after_s=0.001, fail_fast_after=1)
     try:
         caplog.set_level(logging.INFO, logger="cache_router.index")
         for _ in range(5):  # five short outages in a row
@@ -197,6 +197,34 @@ async def test_a_flapping_index_is_reported_once(
         msgs = [r.getMessage() for r in caplog.records if r.name == "cache_router.index"]
         assert sum("unavailable" in m for m in msgs) == 2, msgs
         assert "4 short outages" in msgs[-1], msgs
+    finally:
+        own_redis.resume()
+        await index.close()
+
+
+async def test_one_missed_deadline_is_not_an_outage(own_redis: RedisServer, namespace: str) -> None:
+    """By default an outage is three failed calls in a row: one slow call on a busy machine
+    must not send the next quarter second of requests without the index."""
+    inner = RedisBlockIndex.from_url(own_redis.url, namespace=namespace, deadline_ms=DEADLINE_MS)
+    index = ResilientIndex(inner, retry_after_s=1.0)
+    try:
+        await until_ok(lambda: index.record(A, KEYS, ttl_s=None))
+        own_redis.pause()
+        with pytest.raises(IndexUnavailable):
+            await index.lookup(KEYS)
+        own_redis.resume()
+        assert not index.degraded
+        assert await index.lookup(KEYS) == {A: len(KEYS)}  # answered, not failed fast
+        own_redis.pause()
+        for _ in range(3):
+            with pytest.raises(IndexUnavailable):
+                await index.lookup(KEYS)
+        assert index.degraded  # three in a row: now it is an outage
+        own_redis.resume()
+        t0 = time.monotonic()
+        with pytest.raises(IndexUnavailable, match="failing fast"):
+            await index.lookup(KEYS)
+        assert time.monotonic() - t0 < 0.05
     finally:
         own_redis.resume()
         await index.close()
