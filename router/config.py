@@ -137,12 +137,13 @@ class IndexConfig(_Section):
     speculative_ttl_s: float = Field(default=5.0, gt=0)
     """Precise mode: route-time entries live this long unless a BlockStored confirms them."""
     default_capacity_blocks: int | None = Field(default=None, gt=0)
-    deadline_ms: float = Field(default=20.0, gt=0)
-    """Each Redis call's deadline; past it the router routes without the index (fail-open).
-    Redis answers in well under a millisecond; the deadline also stretches by twice this
-    process's own event-loop delay (router.looplag), which at saturation is tens of ms: with
-    a fixed 5 ms, most calls missed it near 1,000 req/s. Three misses in a row are an outage
-    (fail fast for a while); one is counted and forgotten."""
+    deadline_ms: float = Field(default=50.0, gt=0)
+    """Each Redis lookup's deadline; past it the router routes without the index (fail-open).
+    Redis answers in well under a millisecond when idle, but a saturated router's loop (and a
+    Redis sharing its cores) take tens of ms: at 32 concurrent 2k-token requests on 2 cores,
+    5 ms made half the lookups fail, 20 ms 19%, 50 ms 4%. The deadline also stretches by twice
+    this process's own event-loop delay (router.looplag); writes get at least 250 ms (nothing
+    waits on them). Three misses in a row are an outage (fail fast for a while); one is not."""
     mode: Literal["approximate", "precise", "auto"] = "auto"
     """auto: precise for replicas with KV events configured, approximate for the others."""
     record_cpu_blocks: bool = False

@@ -62,6 +62,9 @@ first recorded by another router shows up within this, and a lookup re-asks at o
 the list changed, so no entry is missed; larger would hammer the registry's node less."""
 
 
+WRITE_DEADLINE_S = 0.25
+"""Least deadline of a batch of writes (records, removals)."""
+
 CLUSTER_INIT_S = 2.0
 """Bound on discovering a Cluster's slots (a few round trips to each node)."""
 
@@ -104,7 +107,10 @@ class RedisBlockIndex:
         self._caps: dict[BackendId, int | None] = {}  # re-applied when Redis comes back empty
         self._caps_pending: set[BackendId] = set()
         self._init: asyncio.Task[None] | None = None
-        self._writes = WriteBatcher(self._flush_writes, deadline_s=lambda: self._deadline + slack())
+        # Writes run in the background (nothing waits on them to answer a client), so they
+        # get longer than lookups: a write that misses its deadline is lost routing knowledge.
+        self._writes = WriteBatcher(self._flush_writes,
+                                    deadline_s=lambda: max(WRITE_DEADLINE_S, self._deadline + slack()))
 
     @classmethod
     def from_url(
@@ -146,13 +152,13 @@ class RedisBlockIndex:
         ttl_ms = -1 if ttl_s is None else max(1, round(ttl_s * 1000))
         self._know(replica)
         await self._bounded(
-            "record", lambda: self._writes.submit(replica, ["record", ttl_ms, K.block_blob(keys)])
+            "record", lambda: self._writes.submit(replica, ["record", ttl_ms, K.block_blob(keys)]), write=True
         )
 
     async def remove(self, replica: BackendId, keys: Sequence[BlockKey]) -> None:
         if keys:
             await self._bounded(
-                "remove", lambda: self._writes.submit(replica, ["remove", K.block_blob(keys)])
+                "remove", lambda: self._writes.submit(replica, ["remove", K.block_blob(keys)]), write=True
             )
 
     async def clear(self, replica: BackendId) -> int:
@@ -207,10 +213,11 @@ class RedisBlockIndex:
 
     # --- internals ------------------------------------------------------------------------
 
-    async def _bounded(self, op: str, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _bounded(self, op: str, fn: Callable[[], Awaitable[T]], *, write: bool = False) -> T:
         """Run one index call under the deadline; every way Redis can fail becomes IndexUnavailable."""
+        deadline = self._deadline + self._slack()
         try:
-            async with asyncio.timeout(self._deadline + self._slack()):
+            async with asyncio.timeout(max(WRITE_DEADLINE_S, deadline) if write else deadline):
                 if self._cluster and getattr(self._r, "_initialize", False):
                     await self._cluster_ready()
                 return await fn()
