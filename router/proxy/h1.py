@@ -93,7 +93,7 @@ class H1Upstream:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         target = (pool, f"POST {path} HTTP/1.1\r\nhost: {host}\r\naccept-encoding: identity\r\n")
         if len(self._targets) >= 1024:  # replicas x endpoints; bounded in case backends churn
-            self._targets.clear()
+            self._targets.clear()  # (pools stay: an empty one is a few hundred bytes)
         self._targets[url] = target
         return target
 

@@ -6,9 +6,11 @@ Every test runs on both the default event loop and uvloop."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -399,3 +401,28 @@ def test_pool_limits_wait_expiry_and_no_keepalive(run: Runner) -> None:
     ports = [s["port"] for s in engine.seen]
     assert ports[0] == ports[1] != ports[2]  # the waiter reused the socket; expiry dropped it
     assert ports[3] != ports[4]  # max_keepalive=0: never kept
+
+
+@RUN
+def test_https_upstream_verified_against_the_trust_store(run: Runner, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    engine = Engine()
+    with serving(engine, ssl_certfile=str(cert), ssl_keyfile=str(key)) as server:
+        url = server.url.replace("http://", "https://") + "/v1/completions"
+
+        async def go() -> None:
+            untrusted = _client()
+            with pytest.raises(ConnectFailed):  # the certificate is not in the default trust store
+                await untrusted.open(url, b"{}", JSON)
+            await untrusted.aclose()
+            monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # read by ssl.create_default_context()
+            trusting = _client()
+            for _ in range(2):
+                assert (await _post(trusting, url))[0] == 200
+            await trusting.aclose()
+        run(go())
+    assert len(engine.seen) == 2 and engine.seen[0]["port"] == engine.seen[1]["port"]
