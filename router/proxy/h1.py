@@ -60,9 +60,12 @@ class H1Upstream:
         try:
             return await self._send(conn, request)
         except Stale:
-            # The server closed this pooled connection while it sat idle and not one byte of the
-            # answer came back, so the engine never started on it: resending the POST once, on a new
-            # connection, cannot run it twice. Any other failure is left to forward.py's retry policy.
+            # Not one byte came back on a pooled connection: servers close kept-alive sockets between
+            # requests, so the close raced this request and the engine never read it. Resending the
+            # POST (bytes in hand) once, on a new connection, is then safe; an engine that died while
+            # working refuses the new connection (ConnectFailed), and in the rare wrong guess a
+            # completion has no side effect beyond its compute. A failure after any byte, or on a
+            # fresh connection, is not resent here: forward.py's retry policy decides.
             conn = await self._acquire(target[0], fresh=True)
             return await self._send(conn, request)
 
