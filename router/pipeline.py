@@ -43,6 +43,7 @@ from router.request.prompt import EncodedPrompt, PromptEncoder
 from router.scheduling import Scheduler
 from router.scheduling.filters import Saturated
 from router.scheduling.model import Candidate, Decision, RouteRequest
+from router.scheduling.shortlist import shortlist
 from router.tenancy import Tenancy
 from router.types import BackendId
 
@@ -143,8 +144,13 @@ class Pipeline:
 
     def decide(self, g: Gathered, policy: str | None = None) -> Decision:
         t0 = time.perf_counter()
+        candidates = g.candidates
+        if (policy or self.scheduler.policy) == "cache_aware":
+            # The baselines need every replica (rendezvous order, turns); cache_aware's pick
+            # is always among the holders or the lightest (router.scheduling.shortlist).
+            candidates = shortlist(candidates)
         try:
-            decision: Decision = self.scheduler.decide(g.route, g.candidates, policy=policy)
+            decision: Decision = self.scheduler.decide(g.route, candidates, policy=policy)
         except NoHealthyBackend as exc:
             if exc.retry_after is None:
                 exc.retry_after = self._retry_after()
