@@ -5,13 +5,17 @@ The decision rule
 1. **Filters** (``filters``) drop replicas that cannot take the request: model not served,
    failing health probes, circuit open, draining, at their concurrency cap. Nobody left:
    ``NoHealthyBackend`` (``filters.Saturated`` when replicas exist but are all full).
-2. **Load band** (``load``): load = requests in flight (all router replicas) + the engine's
-   waiting queue when freshly scraped. Only replicas with
+2. **Load band** (``load``), a backstop in request counts: load = requests in flight (all
+   router replicas) + the engine's waiting queue when freshly scraped. Only replicas with
    ``load <= min_load + load_band + load_band_ratio * min_load`` stay in the running.
-3. **Scorers** (``scorers``), each in [0, 1]: prefix (matched / cacheable blocks), load
-   (in flight, relative to the others, on the scale of the band's width), queue, kv_usage;
-   the **profile** (``profile``) clamps, weights them from ``SchedulingConfig.weights``,
-   sums, and equal replicas take turns (from a random start). The best in the band wins.
+3. **Time** (``cost``): each replica in the band gets an expected time to first token, in
+   milliseconds: the prefill still queued there (predicted uncached tokens of the requests
+   it has not answered yet, counted by the fleet from dispatch to first byte) plus a little
+   per running request, plus this prompt's own uncached prefill (weighted ``prefill_weight``,
+   as a miss also delays whoever comes next). The lowest wins: affinity is kept exactly
+   while the prefill it saves outweighs the queue it builds. Equal estimates go to the
+   longer match, then to the **scorers** (``scorers``, each in [0, 1]: prefix, load, queue,
+   kv_usage; weighted and summed by the **profile**), then take turns (from a random start).
 4. The decision says why: ``affinity`` (the pick holds the most matched blocks of any
    eligible replica), ``load`` (a replica with more was outside the band or outscored),
    ``fallback`` (nothing matched, or the index was unavailable: then the band is ordered
@@ -26,14 +30,21 @@ Why no fleet-wide "is anyone hot?" gate
 Routers that switch between "cache mode" and "balance mode" on a fleet-wide imbalance
 threshold fail both ways: below the threshold one hot prefix piles onto one replica and
 its queue (TTFT p99) grows until the switch flips; above it, every request loses its
-affinity at once, including those whose holder is idle. The band decides per request:
-affinity is kept exactly when its holder is within a bounded distance of the least
-loaded replica, so the worst queue cache_aware can build is ``load_band +
-load_band_ratio * min_load`` above least_load's, at every load level, and a hot prefix
-spills over to the least loaded replica as soon as its holder leaves the band. That
-replica is then recorded as a second holder (the gateway records keys after dispatch), so
-hot prefixes spread over as many replicas as their traffic needs. With zero reuse all
-prefix scores are 0 and the rule is least-load within the band.
+affinity at once, including those whose holder is idle. The time model decides per
+request: a holder keeps a prefix while its queue, in milliseconds of prefill, is less than
+what the hit saves; the band caps the request count a holder may carry above the least
+loaded replica (``load_band + load_band_ratio * min_load``) in case the time model is
+wrong about an engine. A hot prefix spills to another replica as soon as its queue costs
+more than a miss there; that replica is then recorded as a second holder (the gateway
+records keys at dispatch), so hot prefixes spread over as many replicas as their traffic
+needs. With zero reuse every prompt is a miss everywhere and the rule is least queued prefill.
+
+Why time and not request counts (docs/results.md)
+-------------------------------------------------
+A count cannot tell a queue of 600-token misses from a queue of 60-token hits. With a
+count band alone the demo's shared-prefix and churn workloads had worse TTFT p99 than
+round robin: a cold burst sent a brand-new prefix's followers to the replica still
+prefilling it, behind several misses on one compute timeline.
 
 Baselines (``round_robin``, ``least_load``, ``prefix_hash``, ``random``) run after the
 same filters, so an experiment compares policies and nothing else.

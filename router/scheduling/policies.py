@@ -71,7 +71,7 @@ def by_load(candidates: Sequence[Candidate], ties: Rotation) -> list[Candidate]:
 
 
 class CacheAware:
-    """Cache affinity, bounded per request by a load band around the least loaded replica."""
+    """The lowest expected time to first token (``cost``) within a load band around the least loaded replica."""
 
     name = "cache_aware"
 
