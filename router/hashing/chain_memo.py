@@ -44,6 +44,10 @@ class Encoded(NamedTuple):
     keys: list[BlockKey]
 
 
+class OverBudget(Exception):
+    """More than the allowed characters are not memoized yet: tokenize them off the event loop."""
+
+
 class ChainMemo:
     """LRU of (block size, chain state, chunk text) -> step, bounded by entries (~one chunk of text each)."""
 
@@ -57,8 +61,13 @@ class ChainMemo:
         self.misses = 0
 
     def encode(self, text: str, head: Sequence[int], tail: Sequence[int], block_size: int,
-               seed: BlockKey) -> Encoded:
-        """Token count and full-block keys of ``head + ids(text) + tail``, chained from ``seed``."""
+               seed: BlockKey, *, budget_chars: int | None = None) -> Encoded:
+        """Token count and full-block keys of ``head + ids(text) + tail``, chained from ``seed``.
+
+        ``budget_chars``: raise ``OverBudget`` instead of tokenizing when more than this many
+        characters past the memoized prefix would need the tokenizer (a long new document is
+        then encoded in a worker thread; a long prompt whose prefix is known stays inline).
+        """
         state = _State(int(seed), tuple(head))
         tokens = len(head)
         keys: list[BlockKey] = []
@@ -71,20 +80,23 @@ class ChainMemo:
             rest = cuts[-1] if cuts else 0
             cuts += [rest + c for c in cut_points(text[rest:], self.fine_chars)]
         for cut in cuts:
-            step = self._step(block_size, state, text[prev:cut])
+            step = self._step(block_size, state, text[prev:cut], budget_chars is not None and
+                              len(text) - prev > budget_chars)
             tokens += step.tokens
             keys += step.keys
             state = step.after
             prev = cut
         # The last piece runs to the end of this text: no later prompt shares it as a whole,
         # so it is hashed without a memo entry (its ids still go through the segment cache).
+        if budget_chars is not None and len(text) - prev > budget_chars:
+            raise OverBudget
         last = self._segments.encode_chunk(text[prev:]) if prev < len(text) else []
         ids = [*state.pending, *last, *tail]
         tokens += len(last) + len(tail)
         keys += chain_keys(ids, block_size, BlockKey(state.parent))
         return Encoded(tokens, keys)
 
-    def _step(self, block_size: int, state: _State, chunk: str) -> _Step:
+    def _step(self, block_size: int, state: _State, chunk: str, over_budget: bool = False) -> _Step:
         key = (block_size, state, chunk)
         with self._lock:
             step = self._lru.get(key)
@@ -92,6 +104,8 @@ class ChainMemo:
                 self._lru.move_to_end(key)
                 self.hits += 1
                 return step
+            if over_budget:
+                raise OverBudget
             self.misses += 1
         ids = self._segments.encode_chunk(chunk)
         run = [*state.pending, *ids]

@@ -137,19 +137,20 @@ class ModelTokenizer:
         return [*head, *segments.encode(text), *tail]
 
     def encode_keys(self, text: str, *, add_special_tokens: bool, block_size: int,
-                    seed: BlockKey) -> Encoded | None:
+                    seed: BlockKey, budget_chars: int | None = None) -> Encoded | None:
         """Token count and block keys of ``text`` as ``encode`` would tokenize it, reusing the
         work of earlier prompts with the same prefix (``chain_memo``); None when this tokenizer
-        cannot be encoded piecewise (the caller then encodes and hashes the whole text)."""
+        cannot be encoded piecewise (the caller then encodes and hashes the whole text).
+        Raises ``chain_memo.OverBudget`` past ``budget_chars`` of new text."""
         memo = self._memo
         if memo is None:
             return None
         if not add_special_tokens:
-            return memo.encode(text, (), (), block_size, seed)
+            return memo.encode(text, (), (), block_size, seed, budget_chars=budget_chars)
         if self._special_around is None:
             return None
         head, tail = self._special_around
-        return memo.encode(text, head, tail, block_size, seed)
+        return memo.encode(text, head, tail, block_size, seed, budget_chars=budget_chars)
 
     def encode_completion(self, prompt: str) -> list[int]:
         return self.encode(prompt, add_special_tokens=True)

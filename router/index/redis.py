@@ -268,6 +268,18 @@ class RedisBlockIndex:
     async def _lookup_round(
         self, replicas: list[BackendId], members: list[bytes], refresh: bool
     ) -> tuple[dict[BackendId, int], list[BackendId] | None]:
+        if (not refresh and replicas and self.lookup_mode == "lua" and not self._cluster
+                and self._lookup_sha in self._loaded):
+            # The common case, one script call: as a plain command, not a one-command
+            # pipeline (redis-py's pipeline costs ~20 µs of CPU more per call here).
+            helds = [K.replica_held(self._ns, r) for r in replicas]
+            try:
+                reply = await self._r.execute_command("EVALSHA", self._lookup_sha, len(helds), *helds, *members)
+            except NoScriptError:
+                self._loaded.clear()
+                self._caps_pending.update(self._caps)
+                return await self._lookup_round(replicas, members, refresh)
+            return {r: int(n) for r, n in zip(replicas, reply, strict=True) if int(n) > 0}, None
         pipe, sent = self._r.pipeline(transaction=False), set[str]()
         if refresh:
             pipe.smembers(K.replicas(self._ns))

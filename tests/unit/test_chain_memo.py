@@ -4,11 +4,13 @@ shared prefixes, other block sizes, other models or salts, with and without spec
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from loadtest.bench.targets import MODEL_DIR
+from router.hashing.chain_memo import OverBudget
 from router.hashing.keys import first_link_seed, prompt_keys
 from router.hashing.segments import cut_points
 from router.hashing.tokenizer import ModelTokenizer
@@ -64,3 +66,15 @@ def test_shared_prefix_is_served_from_the_memo() -> None:
     other = mt.encode_keys(doc + " second question", add_special_tokens=True, block_size=16,
                            seed=first_link_seed("m", "tenant-b"))
     assert other is not None and not set(other.keys) & set(got.keys)
+
+
+def test_over_budget_only_for_text_the_memo_does_not_hold() -> None:
+    mt = _tokenizer(256)
+    doc = " ".join(_WORDS * 60)  # ~7k characters
+    seed = first_link_seed("m", None)
+    with pytest.raises(OverBudget):  # nothing memoized yet: all of it is new
+        mt.encode_keys(doc + " q1", add_special_tokens=True, block_size=16, seed=seed, budget_chars=1000)
+    whole = mt.encode_keys(doc + " q1", add_special_tokens=True, block_size=16, seed=seed)  # as in the thread
+    assert whole is not None
+    again = mt.encode_keys(doc + " q2", add_special_tokens=True, block_size=16, seed=seed, budget_chars=1000)
+    assert again is not None and (again.tokens, again.keys) == _expected(doc + " q2", True, 16, "m", None)
