@@ -90,7 +90,8 @@ TOKENIZER_APPROXIMATE = Gauge(
     "cache_router_tokenizer_approximate", "1 while a model is keyed in approximate character mode "
     "(no tokenizer configured: token counts are estimates)", ["model"], registry=REGISTRY)
 STAGE_SECONDS = Histogram(
-    "cache_router_stage_seconds", "Router time per stage (parse, render, tokenize, hash, lookup, score, proxy_connect)",
+    "cache_router_stage_seconds", "Router time per stage (parse, render, tokenize, hash, lookup, score, proxy_connect); "
+    "tokenize includes hashing where both run in one pass (text prompts with the chain memo)",
     ["stage"], buckets=_FAST, registry=REGISTRY)
 
 # --- KV events (precise mode) ---------------------------------------------------------------
