@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import orjson
@@ -60,6 +61,7 @@ async def debug_route(request: Request) -> Response:
     pipeline.check_model(req.model)
     header = pipeline.config.scheduling.session_header
     g = await pipeline.gather(req, request.headers.get(header) if header else None)
+    g.route = dataclasses.replace(g.route, explain=True)  # every scorer's part, not only tie-breaks
     bs = g.enc.block_size
     pick: dict[str, Any] | None = None
     error: str | None = None

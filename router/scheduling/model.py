@@ -51,6 +51,9 @@ class RouteRequest:
     session: str | None = None
     index_available: bool = True
     """False when the index could not answer (fail-open): route on load + rendezvous of the first block."""
+    explain: bool = False
+    """Fill ``Decision.scores`` with every scorer's part too (``/debug/route``); routing itself
+    runs the scorers only where they break a tie."""
 
 
 @dataclass(frozen=True, slots=True)
