@@ -18,6 +18,7 @@ import sys
 from dataclasses import replace
 
 from loadtest.engine import faults as faults_mod
+from loadtest.engine.collector import IdleCollector
 from loadtest.engine.engine import EngineConfig
 from loadtest.engine.host import EventsPlan, Host
 from loadtest.engine.timing import TimingConfig
@@ -151,10 +152,14 @@ async def serve(args: argparse.Namespace) -> None:
     )
     await host.start()
     host.install_signal_handlers()
+    # This process is the whole fleet: a full collection here would stall every engine at once.
+    collector = IdleCollector(host.idle)
+    collector.start()
     print(json.dumps({"ready": True, "engines": [s.to_dict() for s in host.specs]}), flush=True)
     try:
         await host.wait()
     finally:
+        await collector.stop()
         await host.stop()
 
 

@@ -175,6 +175,10 @@ class Host:
         publisher.start()
         return publisher
 
+    def idle(self) -> bool:
+        """No engine runs or queues a request."""
+        return all(e.scheduler.num_running == 0 and e.scheduler.num_waiting == 0 for e in self.engines)
+
     def request_stop(self) -> None:
         for server in self._servers:
             server.should_exit = True

@@ -42,6 +42,7 @@ class RequestRecord:
     backend: str | None = None         # x-cache-router-backend
     matched_tokens: int | None = None  # x-cache-router-matched-tokens (the router's prediction)
     late_s: float | None = None        # open loop: sent this long after its scheduled arrival
+    round: int = 0                     # which round of its arm (several rounds merged: loadtest.runner.rounds)
 
 
 def _text_of(chunk: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from loadtest.engine.collector import settle, young_only
 from loadtest.runner.ceiling import SentPrompt, ceiling
 from loadtest.runner.client import RequestRecord, send
 from loadtest.runner.engines import EngineUsage, FleetWatch, discover_engines
@@ -248,6 +249,10 @@ async def run_workload(workload: Workload, target: str | Sequence[str], options:
         engine_urls = list(opts.engines or (targets if len(targets) > 1 else await discover_engines(client, targets[0])))
         model = opts.model or await _model_of(client, targets[0])
         watch = FleetWatch(engine_urls, client, interval_s=opts.sample_interval_s)
+        # The generator is the measuring instrument: its full collections (55-155 ms measured here)
+        # would land on whatever requests are in flight. Collect before the clock starts, and only
+        # young generations while it runs.
+        settle()
         await watch.start()
         budget = min(workload.n_requests, opts.max_requests or workload.n_requests)
         deadline = time.perf_counter() + (opts.duration_s if opts.duration_s is not None else 1e9)
@@ -261,12 +266,13 @@ async def run_workload(workload: Workload, target: str | Sequence[str], options:
             cpu0 = time.process_time()
             interruptible = _on_interrupt(run)
             try:
-                if arrival == "closed":
-                    await run.closed_loop(opts.concurrency or 8)
-                else:
-                    starts = (poisson_starts(workload, opts.rate or 1.0) if arrival == "poisson"
-                              else [c.arrival_s or 0.0 for c in workload.conversations])
-                    await run.open_loop(starts)
+                with young_only():
+                    if arrival == "closed":
+                        await run.closed_loop(opts.concurrency or 8)
+                    else:
+                        starts = (poisson_starts(workload, opts.rate or 1.0) if arrival == "poisson"
+                                  else [c.arrival_s or 0.0 for c in workload.conversations])
+                        await run.open_loop(starts)
             finally:
                 if interruptible:
                     asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
@@ -284,6 +290,9 @@ async def run_workload(workload: Workload, target: str | Sequence[str], options:
     summary["ceiling_block_size"] = block_size
     # Near 1.0 the generator itself was CPU-bound and its latencies include its own queueing.
     summary["client_cpu_share"] = cpu / wall if wall > 0 else 0.0
+    # The run's zero on the host's monotonic clock (perf_counter is CLOCK_MONOTONIC on Linux, shared
+    # by every process): lets a record's start_s be lined up with other processes' stall logs.
+    summary["t0_monotonic"] = run.t0
     return RunResult(
         name=arm,
         targets=targets, workload=workload.name, seed=workload.seed, workload_params=dict(workload.params),
