@@ -245,30 +245,33 @@ class Pipeline:
         self.finish(r, opened, usage_of_body(opened.first) if opened.status == 200 else None)
 
     async def relay(self, r: Routed, opened: Opened, start: Callable[[], Awaitable[None]],
-                    send: Callable[[bytes], Awaitable[None]]) -> None:
-        """Start the answer, pass a committed stream to ``send`` chunk by chunk, end it cleanly
-        if upstream breaks; the upstream response is closed and released whatever happens."""
+                    send: Callable[[bytes], Awaitable[None]], end: Callable[[], Awaitable[None]]) -> None:
+        """Start the answer, pass a committed stream to ``send`` chunk by chunk, ``end`` it (also
+        cleanly when upstream breaks); then the upstream response is closed and released and the
+        feedback recorded, whatever happened, after the client's last byte."""
         tap = SseTap(strip_usage=r.strip_usage)
         ok = False
         try:
-            await start()
-            out = tap.feed(opened.first)
-            if out:
-                await send(out)
-            async for chunk in self.forwarder.rest(opened, r.deadline):
-                out = tap.feed(chunk)
+            try:
+                await start()
+                out = tap.feed(opened.first)
                 if out:
                     await send(out)
-            out = tap.flush()
-            if out:
-                await send(out)
-            if not tap.done:
-                raise UpstreamFailure("stream ended without [DONE]")
-            ok = True
-        except UpstreamFailure as exc:
-            STREAM_ERRORS.labels(opened.backend).inc()
-            r.outcome = "timeout" if isinstance(exc, TimedOut) else "upstream_error"
-            await send(error_event(f"the replica's stream broke after the first byte ({exc})", "stream_broken"))
+                async for chunk in self.forwarder.rest(opened, r.deadline):
+                    out = tap.feed(chunk)
+                    if out:
+                        await send(out)
+                out = tap.flush()
+                if out:
+                    await send(out)
+                if not tap.done:
+                    raise UpstreamFailure("stream ended without [DONE]")
+                ok = True
+            except UpstreamFailure as exc:
+                STREAM_ERRORS.labels(opened.backend).inc()
+                r.outcome = "timeout" if isinstance(exc, TimedOut) else "upstream_error"
+                await send(error_event(f"the replica's stream broke after the first byte ({exc})", "stream_broken"))
+            await end()
         except asyncio.CancelledError:
             # A client that leaves right after [DONE] (the openai client does) got everything.
             r.outcome = "ok" if tap.done else "cancelled"

@@ -89,11 +89,15 @@ class ProxyResponse:
             (b"x-request-id", r.request_id.encode()),
         ]
         if opened.response is None:
-            self.pipeline.complete(r, opened)
             headers.append((b"content-length", str(len(opened.first)).encode()))
             self._closing = self._started = True
-            await send({"type": "http.response.start", "status": opened.status, "headers": headers})
-            await send({"type": "http.response.body", "body": opened.first, "more_body": False})
+            try:
+                await send({"type": "http.response.start", "status": opened.status, "headers": headers})
+                await send({"type": "http.response.body", "body": opened.first, "more_body": False})
+            finally:
+                # After the answer is written: reading the usage, the feedback and the metrics
+                # are not on the client's latency (and they run even if the client has left).
+                self.pipeline.complete(r, opened)
             return
         headers.append((b"cache-control", b"no-cache"))
 
@@ -104,6 +108,8 @@ class ProxyResponse:
         async def body(chunk: bytes) -> None:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
-        await self.pipeline.relay(r, opened, start, body)
-        self._closing = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        async def end() -> None:
+            self._closing = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        await self.pipeline.relay(r, opened, start, body, end)

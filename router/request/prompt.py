@@ -104,6 +104,10 @@ class PromptEncoder:
         if tok is None:
             return self._approximate(req, block_size)
         text, special = self._render(req, tok)
+        # Stages are timed here, on the event loop, also around a worker thread's share (its
+        # hand-off is part of what the request waits): metrics are written by this thread only
+        # (router.metrics.LoopValue).
+        t0 = time.perf_counter()
         if req.truncate_prompt_tokens is None and tok.segment_cache is not None:
             try:
                 # Inline while the new text is short: a long prompt whose prefix is known
@@ -112,11 +116,13 @@ class PromptEncoder:
             except OverBudget:
                 fast = await asyncio.to_thread(self._memo_keys, req, tok, text, special, block_size)
             if fast is not None:
+                _tokenize_s.observe(time.perf_counter() - t0)
                 return fast
         if len(text) > THREAD_THRESHOLD_CHARS:
             ids = await asyncio.to_thread(self._tokenize, tok, text, special)
         else:
             ids = self._tokenize(tok, text, special)
+        _tokenize_s.observe(time.perf_counter() - t0)
         ids = _truncated(req, ids)
         return self._keys(req, ids, block_size, len(ids), approximate=False)
 
@@ -138,22 +144,17 @@ class PromptEncoder:
                    block_size: int, budget_chars: int | None = None) -> EncodedPrompt | None:
         """Tokens and keys in one pass that skips the prefix earlier prompts shared (the
         tokenize stage; hashing is inside it). None if the tokenizer cannot be used piecewise."""
-        t0 = time.perf_counter()
         out = tok.encode_keys(text, add_special_tokens=special, block_size=block_size,
                               seed=first_link_seed(req.model, req.cache_salt), budget_chars=budget_chars)
         if out is None:
             return None
-        _tokenize_s.observe(time.perf_counter() - t0)
         return EncodedPrompt(keys=out.keys, prompt_tokens=out.tokens, block_size=block_size,
                              cacheable_blocks=min(len(out.keys), cacheable_blocks(out.tokens, block_size)),
                              approximate=False)
 
     @staticmethod
     def _tokenize(tok: ModelTokenizer, text: str, special: bool) -> array[int]:
-        t0 = time.perf_counter()
-        ids = array("I", tok.encode(text, add_special_tokens=special))
-        _tokenize_s.observe(time.perf_counter() - t0)
-        return ids
+        return array("I", tok.encode(text, add_special_tokens=special))
 
     def _keys(self, req: RoutingRequest, ids: Sequence[int], block_size: int, n_tokens: int,
               *, approximate: bool, key_block: int | None = None) -> EncodedPrompt:
