@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from loadtest.engine.collector import settle, young_only
 from loadtest.runner.ceiling import SentPrompt, ceiling
-from loadtest.runner.client import RequestRecord, send
+from loadtest.runner.client import RequestRecord, new_session, send
 from loadtest.runner.engines import EngineUsage, FleetWatch, discover_engines
 from loadtest.runner.summary import summarize
 from loadtest.workloads import Api, Conversation, History, Workload
@@ -107,7 +108,7 @@ class _Run:
     targets: list[str]
     options: RunOptions
     model: str
-    client: httpx.AsyncClient
+    session: aiohttp.ClientSession  # the measured requests; the httpx client only reads metrics
     budget: int
     deadline: float
     t0: float = field(default_factory=time.perf_counter)
@@ -146,7 +147,7 @@ class _Run:
                 record.late_s = max(0.0, record.start_s - scheduled_s)
             self.records.append(record)
             self.sent.append((record.index, path, body))
-            reply = await send(self.client, record, path, body, self.options.stream, self.options.request_timeout_s)
+            reply = await send(self.session, record, path, body, self.options.stream, self.options.request_timeout_s)
             self.replies[record.index] = reply
             self.failed += 0 if record.ok else 1
             if self.progress is not None:
@@ -245,7 +246,8 @@ async def run_workload(workload: Workload, target: str | Sequence[str], options:
     arrival = opts.arrival(workload)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     timeout = httpx.Timeout(opts.request_timeout_s, connect=10.0)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client, \
+            new_session(opts.request_timeout_s) as session:
         engine_urls = list(opts.engines or (targets if len(targets) > 1 else await discover_engines(client, targets[0])))
         model = opts.model or await _model_of(client, targets[0])
         watch = FleetWatch(engine_urls, client, interval_s=opts.sample_interval_s)
@@ -256,7 +258,7 @@ async def run_workload(workload: Workload, target: str | Sequence[str], options:
         await watch.start()
         budget = min(workload.n_requests, opts.max_requests or workload.n_requests)
         deadline = time.perf_counter() + (opts.duration_s if opts.duration_s is not None else 1e9)
-        run = _Run(workload, targets, opts, model, client, budget, deadline)
+        run = _Run(workload, targets, opts, model, session, budget, deadline)
         console = Console(stderr=True)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, disable=not opts.progress, transient=False) as progress:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 
-import httpx
 import orjson
 import pytest
 from starlette.applications import Starlette
@@ -18,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from loadtest.runner.client import RequestRecord, send
+from loadtest.runner.client import RequestRecord, new_session, send
 from tests.support.servers import UvicornThread
 
 FIRST_DELAY, GAP = 0.15, 0.03
@@ -78,8 +77,8 @@ def server() -> Iterator[UvicornThread]:
 async def _send(url: str, path: str, body: dict[str, object], stream: bool = True,
                 total: float | None = None) -> tuple[RequestRecord, str]:
     record = RequestRecord(0, 0, 0, 0.0, url)
-    async with httpx.AsyncClient(trust_env=False, timeout=5.0) as client:
-        reply = await send(client, record, path, body, stream, total)
+    async with new_session(timeout_s=5.0) as session:
+        reply = await send(session, record, path, body, stream, total)
     return record, reply
 
 
