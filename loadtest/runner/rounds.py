@@ -62,8 +62,9 @@ def merge_rounds(rounds: Sequence[RunResult]) -> RunResult:
     if len(rounds) == 1:
         return rounds[0]
     records: list[RequestRecord] = []
-    offset = 0.0
+    offset, offsets = 0.0, []
     for i, result in enumerate(rounds):
+        offsets.append(offset)
         for r in result.records:
             records.append(dataclasses.replace(r, index=len(records), round=i, start_s=r.start_s + offset))
         offset += result.summary["wall_s"]
@@ -77,7 +78,9 @@ def merge_rounds(rounds: Sequence[RunResult]) -> RunResult:
         "ttft_p99_rounds": p99s,
         "ttft_p99_median": statistics.median(known) if known else None,
         "seeds": [r.seed for r in rounds],
+        # Round i's own clock: start_s - round_offsets_s[i] after t0_monotonic_rounds[i].
         "t0_monotonic_rounds": [r.summary.get("t0_monotonic") for r in rounds],
+        "round_offsets_s": offsets,
         "client_cpu_share": statistics.mean(r.summary.get("client_cpu_share", 0.0) for r in rounds),
         "token_count_mismatches": sum(r.summary.get("token_count_mismatches", 0) for r in rounds),
         "ceiling_block_size": first.summary.get("ceiling_block_size"),
