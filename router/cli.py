@@ -84,6 +84,7 @@ def summary(config: RouterConfig) -> str:
 def serve(config: RouterConfig) -> int:
     import uvicorn
 
+    from router.api.protocol import UVICORN_HTTP
     from router.app import create_app
 
     _setup_logging(config)
@@ -91,7 +92,9 @@ def serve(config: RouterConfig) -> int:
     # shutdown is a success: a no-op handler here is what uvicorn restores and re-raises into.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     options: dict[str, Any] = {
-        "host": config.host, "port": config.port, "loop": "uvloop", "http": "httptools",
+        "host": config.host, "port": config.port, "loop": "uvloop",
+        # httptools, writing an answer's head and body in one system call (router.api.protocol).
+        "http": UVICORN_HTTP,
         "log_level": config.log_level, "lifespan": "on", "access_log": False,
         "timeout_graceful_shutdown": config.shutdown_timeout_s,
         # Nothing reads the client address, so uvicorn's X-Forwarded-For rewriting is a

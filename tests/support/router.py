@@ -30,6 +30,7 @@ import httpx
 import orjson
 import yaml
 
+from router.api.protocol import UVICORN_HTTP
 from router.app import create_app
 from router.config import RouterConfig
 from tests.support.servers import UvicornThread, env_without_proxies, free_port
@@ -64,7 +65,7 @@ def running_router(config: RouterConfig | None = None, *,
                    backends: list[str] | list[dict[str, Any]] | None = None,
                    wait_ready: bool = True, **overrides: Any) -> Iterator[UvicornThread]:
     cfg = config if config is not None else router_config(backends or [], **overrides)
-    server = UvicornThread(create_app(cfg)).start()
+    server = UvicornThread(create_app(cfg), http=UVICORN_HTTP).start()
     try:
         if wait_ready:
             deadline = time.monotonic() + 10
