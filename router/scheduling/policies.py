@@ -120,9 +120,11 @@ class CacheAware:
         best = best_matched(request, eligible)
         mine = matched[order[0]]
         reason = "fallback" if best == 0 else "affinity" if mine == best else "load"
-        parts: list[dict[str, float]] = [s.parts for s in scored] if scored is not None else [{} for _ in band]
-        scores = {c.id: {**part, "queue_ms": q, "prefill_ms": p, "ttft_ms": q + p, "cost_ms": k}
-                  for c, part, (q, p, k) in zip(band, parts, est, strict=True)}
+        scores = None
+        if request.explain:  # only /debug/route reads them
+            parts: list[dict[str, float]] = [s.parts for s in scored] if scored is not None else [{} for _ in band]
+            scores = {c.id: {**part, "queue_ms": q, "prefill_ms": p, "ttft_ms": q + p, "cost_ms": k}
+                      for c, part, (q, p, k) in zip(band, parts, est, strict=True)}
         return decision(request, ranked + rest, reason, eligible, scores, best)
 
 

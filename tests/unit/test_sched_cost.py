@@ -26,8 +26,9 @@ def cand(i: int, **kw: object) -> Candidate:
 
 def req(group: int = 0, tokens: int = PROMPT) -> RouteRequest:
     keys = tuple(BlockKey(group * 1000 + i) for i in range(tokens // BLOCK))
+    # explain: these tests read each replica's queue, prefill and cost (what /debug/route shows)
     return RouteRequest(model="m", keys=keys, prompt_tokens=tokens, block_size=BLOCK,
-                        cacheable_blocks=(tokens - 1) // BLOCK)
+                        cacheable_blocks=(tokens - 1) // BLOCK, explain=True)
 
 
 def prefilling_misses(i: int, n: int, **kw: object) -> Candidate:
