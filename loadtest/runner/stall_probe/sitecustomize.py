@@ -11,7 +11,8 @@ and it does nothing unless ``LOADTEST_STALL_PROBE`` names a directory to write t
 One JSON line per event in ``<dir>/<pid>.jsonl``: ``p`` the process (``demo``, ``engines``,
 ``router:<policy>``), ``k`` the kind (``gc`` with its generation, ``loop``: a callback
 scheduled from a watchdog thread ran this late, ``thread``: the watchdog's own 5 ms sleep
-overslept, i.e. the interpreter or the CPU was not available), ``t`` the start
+overslept, i.e. the interpreter or the CPU was not available; ``stack``: the loop has been
+stuck for 40 ms and this is what its thread was running then), ``t`` the start
 (``time.perf_counter()``, CLOCK_MONOTONIC: comparable across processes) and ``d`` the duration
 in seconds. The watchdog costs a wake-up every 5 ms; leave the probe off for figures.
 """
@@ -25,10 +26,12 @@ import os
 import sys
 import threading
 import time
+import traceback
 from typing import Any
 
 _DIR = os.environ.get("LOADTEST_STALL_PROBE")
 _GC_MIN_S, _LAG_MIN_S, _TICK_S = 0.003, 0.015, 0.005
+_STACK_AFTER_S, _STACK_DEPTH = 0.04, 14
 
 
 def _process() -> str:
@@ -75,17 +78,30 @@ def _install(log: _Log) -> None:
 
     asyncio.runners.Runner._lazy_init = capture  # type: ignore[attr-defined]
 
+    pending: list[float] = []  # send times of callbacks the loop has not run yet
+    main = threading.main_thread().ident
+
     def watchdog() -> None:
+        dumped = 0.0
         while True:
             t = time.perf_counter()
             time.sleep(_TICK_S)
             late = time.perf_counter() - t - _TICK_S
             if late >= _LAG_MIN_S:
                 log.write("thread", t, late)
+            if pending and time.perf_counter() - pending[0] >= _STACK_AFTER_S and dumped != pending[0]:
+                # The loop is stuck right now: record what its thread is running (once per stall).
+                dumped = pending[0]
+                frame = sys._current_frames().get(main or 0)
+                if frame is not None:
+                    stack = [f"{fs.filename}:{fs.lineno} {fs.name}" for fs in traceback.extract_stack(frame)]
+                    log.write("stack", pending[0], time.perf_counter() - pending[0], stack=stack[-_STACK_DEPTH:])
             if loops and not loops[0].is_closed():
                 sent = time.perf_counter()
+                pending.append(sent)
 
                 def ran(sent: float = sent) -> None:
+                    pending.remove(sent)
                     d = time.perf_counter() - sent
                     if d >= _LAG_MIN_S:
                         log.write("loop", sent, d)
@@ -93,7 +109,7 @@ def _install(log: _Log) -> None:
                 try:
                     loops[0].call_soon_threadsafe(ran)
                 except RuntimeError:  # the loop closed meanwhile
-                    pass
+                    pending.remove(sent)
 
     threading.Thread(target=watchdog, daemon=True, name="stall-probe").start()
 
