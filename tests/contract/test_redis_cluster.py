@@ -67,7 +67,10 @@ async def test_a_master_killed_then_back(namespace: str) -> None:
             t0 = time.monotonic()
             with contextlib.suppress(IndexUnavailable):
                 await index.lookup(ks(1, 2))
-            assert time.monotonic() - t0 < 0.05 + 0.2
+            # the 50 ms deadline plus scheduling slack: this box's 2 cores are often shared with
+            # load tests (330 ms was seen once then); without a deadline a dead master costs the
+            # client's connect timeouts and retries, seconds
+            assert time.monotonic() - t0 < 0.05 + 0.95
         node.start()  # no persistence: it comes back empty, keeping its slots (nodes.conf)
         found = await _until_ok(lambda: index.lookup(ks(1, 2)), within_s=15)
         client: RedisCluster = index.client
