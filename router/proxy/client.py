@@ -16,7 +16,7 @@ cannot.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
 import aiohttp
@@ -57,7 +57,11 @@ class UpstreamResponse(Protocol):
 
 
 class UpstreamClient(Protocol):
-    async def open(self, url: str, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse: ...
+    async def open(self, url: str, body: bytes, headers: Mapping[str, str], *,
+                   sent: Callable[[], None] | None = None) -> UpstreamResponse:
+        """POST ``body``; ``sent`` is called once the request is on its way (h1: right after the
+        write; the library clients: just before they send), for work that must not delay it."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -105,8 +109,11 @@ class HttpxUpstream:
         self._client = httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False,
                                          follow_redirects=False, headers={"accept-encoding": "identity"})
 
-    async def open(self, url: str, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
+    async def open(self, url: str, body: bytes, headers: Mapping[str, str], *,
+                   sent: Callable[[], None] | None = None) -> UpstreamResponse:
         request = self._client.build_request("POST", url, content=body, headers=headers)
+        if sent is not None:
+            sent()
         try:
             resp = await self._client.send(request, stream=True)
         except httpx.TimeoutException as exc:
@@ -178,7 +185,10 @@ class AiohttpUpstream:
                                               headers={"accept-encoding": "identity"}, trust_env=False,
                                               skip_auto_headers=("User-Agent",))
 
-    async def open(self, url: str, body: bytes, headers: Mapping[str, str]) -> UpstreamResponse:
+    async def open(self, url: str, body: bytes, headers: Mapping[str, str], *,
+                   sent: Callable[[], None] | None = None) -> UpstreamResponse:
+        if sent is not None:
+            sent()
         try:
             resp = await self._session.post(url, data=body, headers=headers, allow_redirects=False)
         except aiohttp.ClientConnectorError as exc:  # refused, unreachable, DNS: nothing was sent

@@ -14,6 +14,7 @@ passive circuit breaker see each one. Upstream failures leave this package only 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -59,7 +60,8 @@ class Forwarder:
         """Called after every released slot (admission control wakes its queue)."""
 
     async def open(self, ranked: Sequence[BackendId], path: str, body: bytes, headers: Mapping[str, str],
-                   *, stream: bool, deadline: float, prefill: Callable[[BackendId], int] | None = None) -> Opened:
+                   *, stream: bool, deadline: float, prefill: Callable[[BackendId], int] | None = None,
+                   sent: Callable[[BackendId], None] | None = None) -> Opened:
         """Try ``ranked`` in order until one answers; ``deadline`` is the monotonic end of the total timeout.
 
         ``prefill(backend)``: the prompt tokens that replica is predicted to compute, counted
@@ -73,7 +75,8 @@ class Forwarder:
             tokens = prefill(backend) if prefill is not None else 0
             self.fleet.acquire(backend, tokens)
             try:
-                opened = await self._attempt(backend, path, body, headers, stream, deadline)
+                opened = await self._attempt(backend, path, body, headers, stream, deadline,
+                                             None if sent is None else functools.partial(sent, backend))
             except UpstreamFailure as exc:
                 self.fleet.first_byte(backend, tokens)
                 self._release(backend, False)
@@ -96,14 +99,14 @@ class Forwarder:
         raise UpstreamError(f"every replica tried failed before answering{detail}")
 
     async def _attempt(self, backend: BackendId, path: str, body: bytes, headers: Mapping[str, str],
-                       stream: bool, deadline: float) -> Opened:
+                       stream: bool, deadline: float, sent: Callable[[], None] | None = None) -> Opened:
         budget = min(self.timeouts.first_byte_s, deadline - time.monotonic())
         resp: UpstreamResponse | None = None
         committed = False
         try:
             async with asyncio.timeout(budget):
                 t0 = time.perf_counter()
-                resp = await self.client.open(backend + path, body, headers)
+                resp = await self.client.open(backend + path, body, headers, sent=sent)
                 _connect_stage.observe(time.perf_counter() - t0)
                 if resp.status >= 500:
                     raise _BadStatus(f"{backend} answered {resp.status}")

@@ -20,7 +20,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -48,7 +48,8 @@ class H1Upstream:
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
 
-    async def open(self, url: str, body: bytes, headers: Mapping[str, str]) -> H1Response:
+    async def open(self, url: str, body: bytes, headers: Mapping[str, str], *,
+                   sent: Callable[[], None] | None = None) -> H1Response:
         target = self._targets.get(url) or self._target(url)
         head = target[1]
         for name, value in headers.items():
@@ -56,9 +57,12 @@ class H1Upstream:
                 raise ValueError(f"header {name!r} cannot be forwarded")
             head += f"{name}: {value}\r\n"
         request = f"{head}content-length: {len(body)}\r\n\r\n".encode("latin-1") + body
+        if sent is not None and not target[0].idle:
+            sent()  # a connection must be opened first: the caller's work does not wait for that
+            sent = None
         conn = await self._acquire(target[0], fresh=False)
         try:
-            return await self._send(conn, request)
+            return await self._send(conn, request, sent)
         except Stale:
             # Not one byte came back on a pooled connection: servers close kept-alive sockets between
             # requests, so the close raced this request and the engine never read it. Resending the
@@ -100,11 +104,13 @@ class H1Upstream:
         self._targets[url] = target
         return target
 
-    async def _send(self, conn: Connection, request: bytes) -> H1Response:
+    async def _send(self, conn: Connection, request: bytes, sent: Callable[[], None] | None = None) -> H1Response:
         resp = conn.resp = H1Response(conn)
         conn.got_bytes = False
         try:
             cast(asyncio.Transport, conn.transport).write(request)
+            if sent is not None:  # the caller's bookkeeping runs while the engine reads the request
+                sent()
             while not resp.head_done:
                 if resp.error is not None:
                     raise resp.error

@@ -426,3 +426,38 @@ def test_https_upstream_verified_against_the_trust_store(run: Runner, tmp_path: 
             await trusting.aclose()
         run(go())
     assert len(engine.seen) == 2 and engine.seen[0]["port"] == engine.seen[1]["port"]
+
+
+@RUN
+def test_sent_runs_once_per_request(run: Runner) -> None:
+    """``sent`` (the router records a prompt's keys there) runs once per request: on a pooled
+    connection right after the request is written; with no idle connection before connecting
+    (a connect may wait, and no other request must be routed without seeing the keys); on a
+    refused connect it ran once and the error still surfaces."""
+    engine = Engine()
+    calls: list[tuple[str, int]] = []
+
+    async def go() -> None:
+        client = _client()
+        try:
+            url = server.url + "/a"
+            await _read(await client.open(url, b'{"n": 1}', JSON, sent=lambda: calls.append(("cold", len(engine.seen)))))
+            for n in (2, 3):
+                resp = await client.open(url, b'{"n": %d}' % n, JSON, sent=lambda n=n: calls.append(("warm", n)))
+                await _read(resp)
+            with pytest.raises(ConnectFailed):
+                await client.open(f"http://127.0.0.1:{free_port()}/a", b"{}", JSON,
+                                  sent=lambda: calls.append(("refused", 0)))
+        finally:
+            await client.aclose()
+
+    async def _read(resp: Any) -> None:
+        try:
+            await resp.read()
+        finally:
+            await resp.aclose()
+
+    with serving(engine) as server:
+        run(go())
+    assert calls == [("cold", 0), ("warm", 2), ("warm", 3), ("refused", 0)]
+    assert [orjson.loads(s["body"])["n"] for s in engine.seen if s.get("body")] == [1, 2, 3]
