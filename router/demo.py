@@ -48,7 +48,9 @@ def router(engines: list[str], policy: str, block_size: int, config: Path | None
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cache-router demo", description=__doc__.split("\n")[0])
     p.add_argument("--engines", type=int, default=4)
-    p.add_argument("--requests", type=int, default=240, help="requests per workload, per arm and round")
+    p.add_argument("--requests", type=int, default=160,
+                   help="requests per workload, per arm and round (default sized so the default demo takes about "
+                        "a minute: 2 workloads x 4 arms x 3 rounds)")
     p.add_argument("--rounds", type=int, default=3,
                    help="rounds per workload: every arm once per round (order rotated), each round with its own "
                         "seed; the verdict is the median of the per-round TTFT p99s, so one stall of the machine "
