@@ -109,7 +109,7 @@ def serve(config: RouterConfig) -> int:
         os.environ[_CONFIG_ENV] = config.model_dump_json()
         uvicorn.run("router.cli:worker_app", factory=True, workers=config.workers, **options)
         return 0
-    uvicorn.run(create_app(config), **options)
+    uvicorn.run(create_app(config, freeze_gc=True), **options)
     return 0
 
 
@@ -128,7 +128,7 @@ def worker_app() -> Any:
 
     config = RouterConfig.model_validate_json(os.environ[_CONFIG_ENV])
     _setup_logging(config)
-    return create_app(config)
+    return create_app(config, freeze_gc=True)
 
 
 def main(argv: list[str] | None = None) -> int:

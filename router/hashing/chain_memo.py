@@ -25,18 +25,15 @@ from router.hashing.keys import chain_keys
 from router.hashing.segments import SegmentCache, cut_points
 from router.types import BlockKey
 
+_State = tuple[int, tuple[int, ...]]
+"""(key of the last full block, or the first-link seed before any; the token ids after it,
+fewer than a block)."""
+_Step = tuple[int, tuple[BlockKey, ...], _State]
+"""(tokens in the chunk, keys it completes, the state after it).
 
-class _State(NamedTuple):
-    parent: int
-    """Key of the last full block (the first-link seed before any)."""
-    pending: tuple[int, ...]
-    """Token ids after the last full block (fewer than a block)."""
-
-
-class _Step(NamedTuple):
-    tokens: int
-    keys: tuple[BlockKey, ...]
-    after: _State
+Plain tuples of ints, not NamedTuples: the garbage collector stops tracking an exact tuple
+that holds only untracked objects, so a full memo adds nothing to a full collection's pause
+(NamedTuple instances stay tracked: 16k entries were ~5 objects each to scan)."""
 
 
 class Encoded(NamedTuple):
@@ -68,7 +65,7 @@ class ChainMemo:
         characters past the memoized prefix would need the tokenizer (a long new document is
         then encoded in a worker thread; a long prompt whose prefix is known stays inline).
         """
-        state = _State(int(seed), tuple(head))
+        state: _State = (int(seed), tuple(head))
         tokens = len(head)
         keys: list[BlockKey] = []
         prev = 0
@@ -80,20 +77,20 @@ class ChainMemo:
             rest = cuts[-1] if cuts else 0
             cuts += [rest + c for c in cut_points(text[rest:], self.fine_chars)]
         for cut in cuts:
-            step = self._step(block_size, state, text[prev:cut], budget_chars is not None and
-                              len(text) - prev > budget_chars)
-            tokens += step.tokens
-            keys += step.keys
-            state = step.after
+            n, new_keys, state = self._step(block_size, state, text[prev:cut], budget_chars is not None and
+                                            len(text) - prev > budget_chars)
+            tokens += n
+            keys += new_keys
             prev = cut
         # The last piece runs to the end of this text: no later prompt shares it as a whole,
         # so it is hashed without a memo entry (its ids still go through the segment cache).
         if budget_chars is not None and len(text) - prev > budget_chars:
             raise OverBudget
-        last = self._segments.encode_chunk(text[prev:]) if prev < len(text) else []
-        ids = [*state.pending, *last, *tail]
+        last = self._segments.encode_chunk(text[prev:]) if prev < len(text) else ()
+        parent, pending = state
+        ids = [*pending, *last, *tail]
         tokens += len(last) + len(tail)
-        keys += chain_keys(ids, block_size, BlockKey(state.parent))
+        keys += chain_keys(ids, block_size, BlockKey(parent))
         return Encoded(tokens, keys)
 
     def _step(self, block_size: int, state: _State, chunk: str, over_budget: bool = False) -> _Step:
@@ -108,11 +105,12 @@ class ChainMemo:
                 raise OverBudget
             self.misses += 1
         ids = self._segments.encode_chunk(chunk)
-        run = [*state.pending, *ids]
+        parent, pending = state
+        run = [*pending, *ids]
         full = len(run) // block_size * block_size
-        new_keys = tuple(chain_keys(run[:full], block_size, BlockKey(state.parent)))
-        after = _State(int(new_keys[-1]) if new_keys else state.parent, tuple(run[full:]))
-        step = _Step(len(ids), new_keys, after)
+        new_keys = tuple(chain_keys(run[:full], block_size, BlockKey(parent)))
+        after: _State = (int(new_keys[-1]) if new_keys else parent, tuple(run[full:]))
+        step: _Step = (len(ids), new_keys, after)
         with self._lock:
             self._lru[key] = step
             if len(self._lru) > self.max_entries:

@@ -43,7 +43,7 @@ class SegmentCache:
         self._encode = encode
         self.chunk_chars = chunk_chars
         self.max_entries = max_entries
-        self._lru: OrderedDict[str, list[int]] = OrderedDict()
+        self._lru: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._lock = threading.Lock()  # callers may tokenize long prompts in worker threads
         self.hits = 0
         self.misses = 0
@@ -58,8 +58,11 @@ class SegmentCache:
             prev = cut
         return ids
 
-    def encode_chunk(self, chunk: str) -> list[int]:
-        """Ids of one chunk (a piece ``cut_points`` delimits), from the cache when seen before."""
+    def encode_chunk(self, chunk: str) -> tuple[int, ...]:
+        """Ids of one chunk (a piece ``cut_points`` delimits), from the cache when seen before.
+
+        A tuple: the garbage collector stops tracking a tuple of ints, where a cached list
+        would be scanned by every full collection for as long as it is cached."""
         with self._lock:
             cached = self._lru.get(chunk)
             if cached is not None:
@@ -67,7 +70,7 @@ class SegmentCache:
                 self.hits += 1
                 return cached
             self.misses += 1
-        ids = self._encode(chunk)
+        ids = tuple(self._encode(chunk))
         with self._lock:
             self._lru[chunk] = ids
             if len(self._lru) > self.max_entries:
