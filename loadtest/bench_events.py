@@ -14,7 +14,6 @@ caller can wait for the subscriber to be connected (XPUB is PUB on the wire).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import time
 from collections import deque
@@ -23,6 +22,8 @@ from typing import Any
 import msgspec
 import zmq
 import zmq.asyncio
+
+from router.tasks import cancel_and_wait
 
 END_SEQ = b"\xff" * 8
 
@@ -128,10 +129,7 @@ class SpecPublisher:
             await self.replay.send_multipart([*head, END_SEQ, b""])
 
     async def close(self) -> None:
-        if self._replay_task is not None:
-            self._replay_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._replay_task
+        await cancel_and_wait(self._replay_task)
         self.pub.close(linger=0)
         if self.replay is not None:
             self.replay.close(linger=0)

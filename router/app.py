@@ -41,6 +41,7 @@ from router.proxy.client import make_client
 from router.proxy.forward import Forwarder
 from router.request.prompt import PromptEncoder
 from router.scheduling import Scheduler
+from router.tasks import cancel_and_wait
 from router.types import BackendId
 
 log = logging.getLogger("cache_router.app")
@@ -183,9 +184,7 @@ def create_app(config: RouterConfig, *, freeze_gc: bool = False) -> Starlette:
         try:
             yield
         finally:
-            sizes.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sizes
+            await cancel_and_wait(sizes)
             await pipeline.drain()
             await discovery.stop()
             if ingest is not None:

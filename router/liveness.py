@@ -31,6 +31,8 @@ import tempfile
 import time
 from typing import Any
 
+from router.tasks import cancel_and_wait
+
 log = logging.getLogger("cache_router.liveness")
 
 BEAT_S = 0.1
@@ -143,10 +145,7 @@ class LivenessListener:
             raise
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._proc is not None:
             proc, self._proc = self._proc, None
             with contextlib.suppress(ProcessLookupError):

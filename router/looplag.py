@@ -14,8 +14,9 @@ within its deadline plus our own loop's delay, which no deadline could beat anyw
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+
+from router.tasks import cancel_and_wait
 
 log = logging.getLogger("cache_router.looplag")
 
@@ -42,11 +43,8 @@ class LoopLag:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -30,6 +30,8 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
+from router.tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 NO_FULL = 1 << 30
@@ -76,11 +78,8 @@ class IdleCollector:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="sim-idle-collector")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         gc.set_threshold(*self._threshold)
 
     async def _run(self) -> None:

@@ -34,6 +34,7 @@ import zmq
 import zmq.asyncio
 
 from loadtest.engine.cache import CacheEvent, Cleared, Removed, Stored, as_int, extra_keys
+from router.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +199,7 @@ class EventPublisher:
         self._buffer.clear()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         for sock in (self._pub, self._replay):
             if sock is not None:
                 sock.close(linger=0)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from router.tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 _SUMMED = {
@@ -123,10 +125,7 @@ class FleetWatch:
         self._task = asyncio.create_task(self._sample(), name="loadtest-fleet-sampler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         self.after = await self.scrape()
 
     async def _sample(self) -> None:

@@ -34,6 +34,7 @@ import orjson
 
 from router.config import BackendConfig, DiscoveryConfig, RouterConfig
 from router.fleet.backend import Backend
+from router.tasks import cancel_and_wait
 from router.types import BackendId
 
 log = logging.getLogger(__name__)
@@ -156,9 +157,7 @@ class Discovery:
     async def _cancel_drain(self, bid: BackendId) -> None:
         task = self._drains.pop(bid, None)
         if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def _drain(self, bid: BackendId) -> None:
         """Wait for the replica's in-flight requests to finish (up to drain_timeout_s), then remove it."""

@@ -29,6 +29,7 @@ from router.config import RouterConfig
 from router.fleet.backend import Backend
 from router.index import keys as K
 from router.index.connection import FAILURES, connect
+from router.tasks import cancel_and_wait
 
 log = logging.getLogger("cache_router.shared_load")
 
@@ -96,11 +97,8 @@ class SharedLoad:
         self._task = asyncio.create_task(self._run(), name="shared-load")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._published:  # leave cleanly: the others stop counting us at once
             with contextlib.suppress(*FAILURES):
                 async with asyncio.timeout(max(self._deadline, GOODBYE_S)):
