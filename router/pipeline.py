@@ -215,9 +215,10 @@ class Pipeline:
         keys = r.gathered.enc.keys
 
         def sent(backend: BackendId) -> None:
-            # The pick's keys are recorded once its request is written (no await in between,
-            # so no other request is routed meanwhile): the engine starts reading it while
-            # the index is updated (a 32k-token prompt's 2,000 keys take ~0.3 ms to record).
+            # The pick's keys are recorded once its request is written, with no await in
+            # between on a pooled connection (the h1 client records before connecting
+            # otherwise), so no other request is routed without them; the engine reads the
+            # request meanwhile (a 32k-token prompt's 2,000 keys take 0.4 ms to record, 1.5 ms new).
             if backend == d.backend:
                 self.feedback.record(backend, keys)
 
