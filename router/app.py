@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import random
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
@@ -33,6 +34,7 @@ from router.fleet.registry import Fleet
 from router.fleet.shared_load import SharedLoad
 from router.index import factory
 from router.index.base import BlockIndex, IndexUnavailable
+from router.index.peers import PEER_DIR_ENV, Peers
 from router.index.resilient import ResilientIndex
 from router.liveness import LivenessListener
 from router.looplag import LoopLag
@@ -59,6 +61,16 @@ def make_index(config: RouterConfig, lag: LoopLag | None = None) -> BlockIndex:
     ``lag``: Redis deadlines stretch by this loop's own delay (router.looplag)."""
     index: BlockIndex = factory.make_index(config, slack=lag.slack if lag is not None else lambda: 0.0)
     return index if isinstance(index, ResilientIndex) else ResilientIndex(index)
+
+
+def make_peers(index: BlockIndex, fleet: Fleet) -> Peers | None:
+    """This worker's link to its siblings when ``serve --workers N`` runs without Redis (the
+    parent names a directory in the environment): they share the in-process index's writes."""
+    directory = os.environ.get(PEER_DIR_ENV)
+    local = index.local if isinstance(index, ResilientIndex) else None
+    if not directory or local is None:
+        return None
+    return Peers(directory, local, fleet.backends)
 
 
 def make_ingest(config: RouterConfig, index: BlockIndex, fleet: Fleet) -> EventIngest | None:
@@ -170,9 +182,12 @@ def create_app(config: RouterConfig, *, freeze_gc: bool = False) -> Starlette:
         ingest = make_ingest(config, index, fleet)
         if ingest is not None:
             await ingest.start()
+        peers = make_peers(index, fleet)
+        if peers is not None:
+            await peers.start()
         client = make_client(config.proxy, config.timeouts)
         pipeline = Pipeline(config, index, fleet, scheduler, PromptEncoder(config),
-                            Forwarder(client, fleet, config))
+                            Forwarder(client, fleet, config), peers=peers)
         app.state.pipeline = pipeline
         app.state.ingest = ingest
         sizes = asyncio.create_task(_run_named("index-sizes", _index_sizes(index)), name="index-sizes")
@@ -186,6 +201,8 @@ def create_app(config: RouterConfig, *, freeze_gc: bool = False) -> Starlette:
         finally:
             await cancel_and_wait(sizes)
             await pipeline.drain()
+            if peers is not None:
+                await peers.stop()
             await discovery.stop()
             if ingest is not None:
                 await ingest.stop()

@@ -12,14 +12,17 @@ Precedence: flag, then environment, then file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
+import tempfile
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from router.config import ConfigError, RouterConfig, load_config
+from router.index.peers import PEER_DIR_ENV
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url")
     serve.add_argument("--log-level")
     serve.add_argument("--health-port", type=int, help="also answer GET /health here, from a thread (liveness probes)")
-    serve.add_argument("--workers", type=int, help="router processes sharing the port (needs --redis-url to share the index)")
+    serve.add_argument("--workers", type=int, help="router processes sharing the port and the index (the Redis one, or in-process writes exchanged between them)")
     check = sub.add_parser("check-config", help="validate a config file and print a summary")
     check.add_argument("file")
     sub.add_parser("demo", help="start simulated engines and the router, compare against round robin",
@@ -102,12 +105,13 @@ def serve(config: RouterConfig) -> int:
         "proxy_headers": False, "server_header": False,
     }
     if config.workers > 1:
-        if config.redis_url is None:
-            logging.getLogger("cache_router.cli").warning(
-                "%d workers without redis_url: each keeps its own index, so hit rates drop", config.workers)
         # Workers are spawned processes: they rebuild the validated config from the environment.
         os.environ[_CONFIG_ENV] = config.model_dump_json()
-        uvicorn.run("router.cli:worker_app", factory=True, workers=config.workers, **options)
+        with contextlib.ExitStack() as stack:
+            if config.redis_url is None:  # they share the in-process index's writes (router.index.peers)
+                os.environ[PEER_DIR_ENV] = stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="cache-router-workers-"))
+            uvicorn.run("router.cli:worker_app", factory=True, workers=config.workers, **options)
         return 0
     uvicorn.run(create_app(config, freeze_gc=True), **options)
     return 0

@@ -256,8 +256,9 @@ class RouterConfig(_Section):
     loaded cores) and says 503 once the loop has not run for 10 s. None: main port only."""
     workers: int = Field(default=1, ge=1, le=64)
     """Router processes sharing the port (uvicorn workers). One is one core: each process has
-    its own event loop and in-process state, so more than one needs ``redis_url`` for a shared
-    index (a warning says so) and ``/metrics`` then shows the worker that answered the scrape."""
+    its own event loop. They share the index: the Redis one, or without ``redis_url`` the
+    in-process one, each worker sending what it records to the others over Unix sockets (and its
+    in-flight counts, for the load band). ``/metrics`` shows the worker that answered the scrape."""
     shutdown_timeout_s: float = Field(default=30.0, ge=0)
     """On SIGTERM the router stops accepting and gives in-flight streams this long to finish, then
     cuts them and exits 0. Below the pod's terminationGracePeriodSeconds (chart 120 s, manifests 60 s)."""

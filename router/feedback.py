@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from router.config import RouterConfig
 from router.fleet.registry import Fleet
 from router.index.base import BlockIndex, IndexUnavailable
+from router.index.peers import Peers
 from router.index.resilient import ResilientIndex
 from router.logs import log_decision
 from router.metrics import (
@@ -71,10 +72,13 @@ def requests_child(backend: str, model: str, arm: str, outcome: str) -> Any:
 
 
 class Feedback:
-    def __init__(self, config: RouterConfig, index: BlockIndex, fleet: Fleet) -> None:
+    def __init__(self, config: RouterConfig, index: BlockIndex, fleet: Fleet, peers: Peers | None = None) -> None:
         self.config = config
         self.index = index
         self.fleet = fleet
+        self.peers = peers
+        """Sibling worker processes sharing this in-process index (``serve --workers N``
+        without Redis): what is written here is sent to them too."""
         self._tasks: set[asyncio.Task[None]] = set()
         local = index.local if isinstance(index, ResilientIndex) else None
         self._record_now = local.record_now if local is not None else None
@@ -138,6 +142,8 @@ class Feedback:
         ttl = self.config.index.speculative_ttl_s if b is not None and b.precise else self.config.index.ttl_s
         if self._record_now is not None:  # in-process: no task, nothing to wait for or fail
             self._record_now(backend, keys, ttl_s=ttl)
+            if self.peers is not None:
+                self.peers.record(backend, keys, ttl_s=ttl)
             return
         self._spawn(self._index_call(self.index.record(backend, keys, ttl_s=ttl)), "index-record")
 
@@ -151,6 +157,8 @@ class Feedback:
 
     async def _drop(self, backend: BackendId, keys: list[BlockKey]) -> None:
         await self._index_call(self.index.remove(backend, keys))
+        if self.peers is not None:
+            self.peers.remove(backend, keys)
 
     @staticmethod
     async def _index_call(call: Awaitable[None]) -> None:

@@ -28,6 +28,7 @@ from router.errors import NoHealthyBackend, NotFound, RouterError, UpstreamTimeo
 from router.feedback import Feedback, requests_child
 from router.fleet.registry import Fleet
 from router.index.base import BlockIndex, IndexUnavailable
+from router.index.peers import Peers
 from router.index.resilient import ResilientIndex
 from router.logs import log_decision
 from router.metrics import (
@@ -83,7 +84,8 @@ class Routed:
 
 class Pipeline:
     def __init__(self, config: RouterConfig, index: BlockIndex, fleet: Fleet, scheduler: Scheduler,
-                 encoder: PromptEncoder, forwarder: Forwarder, rng: random.Random | None = None) -> None:
+                 encoder: PromptEncoder, forwarder: Forwarder, rng: random.Random | None = None,
+                 peers: Peers | None = None) -> None:
         self.config = config
         self.index = index
         self.fleet = fleet
@@ -91,7 +93,7 @@ class Pipeline:
         self.encoder = encoder
         self.forwarder = forwarder
         self._rng = rng or random.Random()
-        self.feedback = Feedback(config, index, fleet)
+        self.feedback = Feedback(config, index, fleet, peers)
         resilient = index if isinstance(index, ResilientIndex) else None
         self._local = resilient.local if resilient is not None else None
         """The in-process index, looked up without a coroutine (see ResilientIndex.local)."""

@@ -1,6 +1,7 @@
-"""``cache-router serve --workers N``: several processes on one port share the Redis index.
+"""``cache-router serve --workers N``: several processes on one port share one index: the Redis
+one, or without Redis the in-process one (its writes exchanged between workers, router.index.peers).
 
-A real ``serve`` process with two workers, a real redis-server and a simulated engine:
+A real ``serve`` process with two workers (and a real redis-server) and a simulated engine:
 requests on fresh connections land on both workers (told apart by the per-process
 request-id prefix), and a prefix recorded by one worker is matched by the other.
 """
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -23,14 +25,34 @@ PROMPT = "the cache router sends every request to the replica that holds its pre
 
 def test_two_workers_share_the_port_and_the_redis_index(redis_server: RedisServer, namespace: str,
                                                         sim_model_dir: Path, tmp_path: Path) -> None:
-    config = tmp_path / "router.yaml"
     # a generous Redis deadline: on a loaded CI box a 5 ms miss would fail open to 0 matched
-    config.write_text(f"log_decisions: false\nindex:\n  namespace: {namespace}\n  deadline_ms: 500\n")
+    config = f"log_decisions: false\nindex:\n  namespace: {namespace}\n  deadline_ms: 500\n"
+    matched = two_workers(tmp_path, sim_model_dir, config, ["--redis-url", redis_server.url])
+    assert len(matched) == 2, matched
+    # both workers see the prefix that one of them recorded
+    assert all(min(m) > 0 for m in matched.values()), matched
+
+
+def test_two_workers_share_the_in_process_index_without_redis(sim_model_dir: Path, tmp_path: Path) -> None:
+    prompts = [f"document {i}: " + PROMPT for i in range(12)]
+    cross = two_workers(tmp_path, sim_model_dir, "log_decisions: false\n", [], prompts=prompts)
+    # a prompt first served by one worker, its follow-up by the other: matched through the exchange
+    assert cross, "no follow-up landed on the other worker"
+    assert all(m > 0 for m in cross), cross
+
+
+def two_workers(tmp_path: Path, sim_model_dir: Path, config_text: str, flags: list[str],
+                prompts: list[str] | None = None) -> Any:
+    """Matched tokens per worker for one prompt sent 40 times, after both workers served it; or,
+    given ``prompts``, each sent once and then extended once: the matched tokens of the
+    extensions that a different worker served than the original."""
+    config = tmp_path / "router.yaml"
+    config.write_text(config_text)
     port = free_port()
     with SimFleet(1) as fleet:
         proc = subprocess.Popen(
             [sys.executable, "-m", "router", "serve", "--config", str(config), "--port", str(port),
-             "--backend", fleet.urls[0], "--tokenizer", str(sim_model_dir), "--redis-url", redis_server.url,
+             "--backend", fleet.urls[0], "--tokenizer", str(sim_model_dir), *flags,
              "--workers", "2", "--log-level", "warning"],
             env={**os.environ, "NO_PROXY": "*"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
@@ -48,7 +70,8 @@ def test_two_workers_share_the_port_and_the_redis_index(redis_server: RedisServe
             body = {"model": "sim-model", "prompt": PROMPT, "max_tokens": 1}
             assert httpx.post(base + "/v1/completions", json=body, timeout=10).status_code == 200
             # Each worker's first Redis call also connects and loads the lookup script: on a
-            # loaded machine that can miss the deadline and fail open once. Warm both first.
+            # loaded machine that can miss the deadline and fail open once. Warm both first
+            # (without Redis: both have found each other by then).
             seen: set[str] = set()
             for _ in range(100):
                 if len(seen) == 2:
@@ -57,6 +80,9 @@ def test_two_workers_share_the_port_and_the_redis_index(redis_server: RedisServe
                          .split("-")[0])
                 time.sleep(0.01)
             time.sleep(0.5)  # the index write is a background task of the worker that served it
+            if prompts is not None:
+                time.sleep(1.5)  # the first worker up finds the second at its next scan (peers.RESCAN_S)
+                return _follow_ups(base, prompts)
             matched: dict[str, list[int]] = {}
             for _ in range(40):
                 # a new connection each time: the kernel hands it to either worker
@@ -66,9 +92,7 @@ def test_two_workers_share_the_port_and_the_redis_index(redis_server: RedisServe
                 matched.setdefault(worker, []).append(int(r.headers["x-cache-router-matched-tokens"]))
                 # let both workers reach epoll again, so either may take the next connection
                 time.sleep(0.01)
-            assert len(matched) == 2, matched
-            # both workers see the prefix that one of them recorded
-            assert all(min(m) > 0 for m in matched.values()), matched
+            return matched
         finally:
             proc.terminate()
             try:
@@ -76,3 +100,22 @@ def test_two_workers_share_the_port_and_the_redis_index(redis_server: RedisServe
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _follow_ups(base: str, prompts: list[str]) -> list[int]:
+    served: dict[str, str] = {}
+    for p in prompts:  # a new connection each time: the kernel hands it to either worker
+        r = httpx.post(base + "/v1/completions", json={"model": "sim-model", "prompt": p, "max_tokens": 1}, timeout=10)
+        assert r.status_code == 200, r.text
+        served[p] = r.headers["x-request-id"].split("-")[0]
+        time.sleep(0.01)
+    time.sleep(0.3)
+    cross = []
+    for p in prompts:
+        r = httpx.post(base + "/v1/completions", json={"model": "sim-model", "prompt": p + " and more", "max_tokens": 1},
+                       timeout=10)
+        assert r.status_code == 200, r.text
+        if r.headers["x-request-id"].split("-")[0] != served[p]:
+            cross.append(int(r.headers["x-cache-router-matched-tokens"]))
+        time.sleep(0.01)
+    return cross
