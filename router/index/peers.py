@@ -210,8 +210,54 @@ class Peers:
             b.shared_in_flight = totals.get(b.id, 0)
 
     # --- receiving -----------------------------------------------------------------------
-    def apply(self, message: bytes | memoryview) -> None:
-        """Apply one sibling's message (without its length prefix); a malformed one is ignored."""
+    def apply(self, *messages: bytes | memoryview) -> None:
+        """Apply siblings' messages (each without its length prefix) in order; a malformed one is
+        ignored. Records for one replica that arrived together are applied as one: a prefix that
+        several requests recorded (each with its own tail) is refreshed once, every key ending
+        where the last record naming it put it, as if they had been applied one by one."""
+        pending: dict[BackendId, tuple[float | None, list[array[int]]]] = {}
+        for message in messages:
+            parsed = self._parse(message)
+            if parsed is None:
+                continue
+            op, replica, ttl, keys = parsed
+            _received.inc()
+            group = pending.get(replica)
+            if op == _RECORD and group is not None and group[0] == ttl:
+                group[1].append(keys)
+                continue
+            if group is not None:  # a remove, or another TTL: what came before it goes first
+                del pending[replica]
+                self._record(replica, *group)
+            if op == _RECORD:
+                pending[replica] = (ttl, [keys])
+            elif op == _REMOVE:
+                self.local.remove_now(replica, keys)  # type: ignore[arg-type]
+        for replica, group in pending.items():
+            self._record(replica, *group)
+
+    def _record(self, replica: BackendId, ttl_s: float | None, chains: list[array[int]]) -> None:
+        last = chains[-1]
+        keys: Sequence[int] = last
+        if len(chains) > 1:
+            # Each key goes where its last record puts it: walking back from the last chain,
+            # an earlier chain adds only the keys no later one has, in its own order, before
+            # them. Chains that share a prefix with the last one (the usual case: a system
+            # prompt or document, each request with its own tail) skip it in one comparison.
+            placed = set(last)
+            segments: list[list[int]] = []
+            for chain in reversed(chains[:-1]):
+                rest = [k for k in chain[_common_prefix(chain, last):] if k not in placed]
+                if len(rest) > 1:  # a key twice in one chain: its later place
+                    rest = list(dict.fromkeys(reversed(rest)))[::-1]
+                placed.update(rest)
+                segments.append(rest)
+            keys = [k for segment in reversed(segments) for k in segment]
+            keys += last
+        self.local.record_now(replica, keys, ttl_s=ttl_s)  # type: ignore[arg-type]
+
+    def _parse(self, message: bytes | memoryview) -> tuple[int, BackendId, float | None, array[int]] | None:
+        """(op, replica, ttl, keys) of a record or remove; a sibling's load is stored here (None)."""
         try:
             op, ttl, n = _BODY.unpack_from(message)
             start = _BODY.size + n
@@ -224,20 +270,36 @@ class Peers:
                         count, _, rid = item.partition(" ")
                         counts[rid] = int(count)
                 self._loads[replica] = (time.monotonic(), counts)  # keyed by the sender's name
-                return
+                return None
+            if op not in (_RECORD, _REMOVE):
+                raise ValueError(op)
             keys = array(_KEY)
             keys.frombytes(payload)
         except (struct.error, ValueError, UnicodeDecodeError):
             log.warning("ignored a malformed message from a sibling worker")
-            return
-        _received.inc()
-        if op == _RECORD:
-            self.local.record_now(replica, keys, ttl_s=None if math.isnan(ttl) else ttl)  # type: ignore[arg-type]
-        elif op == _REMOVE:
-            self.local.remove_now(replica, keys)  # type: ignore[arg-type]
+            return None
+        return op, replica, None if math.isnan(ttl) else ttl, keys
 
 
 _BODY = struct.Struct("<BdH")
+
+
+def _common_prefix(a: array[int], b: array[int]) -> int:
+    """Length of the longest common prefix of two key chains (a C-level comparison per probe)."""
+    hi = min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    lo = 0  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    if a[:hi - 1] == b[:hi - 1]:
+        return hi - 1
+    hi -= 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class _Inbound(asyncio.Protocol):
@@ -260,6 +322,7 @@ class _Inbound(asyncio.Protocol):
         buf += data
         view = memoryview(buf)
         pos, end = 0, len(buf)
+        messages: list[memoryview] = []
         try:
             while end - pos >= _LEN.size:
                 (size,) = _LEN.unpack_from(view, pos)
@@ -271,8 +334,10 @@ class _Inbound(asyncio.Protocol):
                     break
                 if end - pos - _LEN.size < size:
                     break
-                self._peers.apply(view[pos + _LEN.size:pos + _LEN.size + size])
+                messages.append(view[pos + _LEN.size:pos + _LEN.size + size])
                 pos += _LEN.size + size
+            self._peers.apply(*messages)
         finally:
+            messages.clear()  # the slices, before the buffer they point into changes
             view.release()
         del buf[:pos]
