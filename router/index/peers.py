@@ -3,7 +3,7 @@
 Each worker keeps its own ``MemoryBlockIndex`` (lookups stay dictionary probes, no network).
 What the request path writes to it (a routed prompt's keys recorded for its replica, keys
 dropped for a replica that did not serve the prompt) is also sent to every sibling as one
-Unix datagram, and each worker applies what its siblings send. A prefix routed by one worker
+message on a Unix socket, and each worker applies what its siblings send. A prefix routed by one worker
 is then matched by all of them, as with a shared Redis index.
 
 Everything else every worker learns for itself: KV events (each worker subscribes to every
@@ -60,8 +60,9 @@ MAX_MESSAGE = 64 << 20
 """A longer length prefix is corruption: the connection is closed."""
 
 _RECORD, _REMOVE, _LOAD = 1, 2, 3
-_HEAD = struct.Struct("<IBdH")  # length of the rest, op, ttl (NaN: none), length of the replica id; id; keys
-_LEN = struct.Struct("<I")
+_LEN = struct.Struct("<I")  # each message's length, then:
+_BODY = struct.Struct("<BdH")  # op, ttl (NaN: none), length of the replica id; then the id, then the keys
+_HEAD = struct.Struct("<I" + _BODY.format[1:])
 _KEY = "Q"  # BlockKey: an unsigned 64-bit hash
 
 PEER_MESSAGES = Counter("cache_router_index_peer_messages_total",
@@ -281,7 +282,6 @@ class Peers:
         return op, replica, None if math.isnan(ttl) else ttl, keys
 
 
-_BODY = struct.Struct("<BdH")
 
 
 def _common_prefix(a: array[int], b: array[int]) -> int:

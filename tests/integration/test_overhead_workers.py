@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from loadtest.engine import SimFleet
 from tests.support.servers import RedisServer, free_port
@@ -41,11 +42,20 @@ def test_two_workers_share_the_in_process_index_without_redis(sim_model_dir: Pat
     assert all(m > 0 for m in cross), cross
 
 
+def test_a_killed_worker_costs_no_request_and_its_replacement_joins_the_exchange(
+        sim_model_dir: Path, tmp_path: Path) -> None:
+    prompts = [f"report {i}: " + PROMPT for i in range(12)]
+    cross = two_workers(tmp_path, sim_model_dir, "log_decisions: false\n", [], prompts=prompts, kill_one=True)
+    assert cross, "no follow-up landed on the other worker"
+    assert all(m > 0 for m in cross), cross
+
+
 def two_workers(tmp_path: Path, sim_model_dir: Path, config_text: str, flags: list[str],
-                prompts: list[str] | None = None) -> Any:
+                prompts: list[str] | None = None, kill_one: bool = False) -> Any:
     """Matched tokens per worker for one prompt sent 40 times, after both workers served it; or,
     given ``prompts``, each sent once and then extended once: the matched tokens of the
-    extensions that a different worker served than the original."""
+    extensions that a different worker served than the original. ``kill_one``: first SIGKILL a
+    worker while requests keep coming (every one must succeed) and let uvicorn replace it."""
     config = tmp_path / "router.yaml"
     config.write_text(config_text)
     port = free_port()
@@ -80,6 +90,18 @@ def two_workers(tmp_path: Path, sim_model_dir: Path, config_text: str, flags: li
                          .split("-")[0])
                 time.sleep(0.01)
             time.sleep(0.5)  # the index write is a background task of the worker that served it
+            if kill_one:
+                workers = _workers(proc.pid)
+                assert len(workers) == 2, workers
+                workers[0].kill()
+                for _ in range(50):  # the survivor answers meanwhile; uvicorn starts a replacement
+                    assert httpx.post(base + "/v1/completions", json=body, timeout=10).status_code == 200
+                    time.sleep(0.02)
+                deadline = time.monotonic() + 30
+                while len(_workers(proc.pid)) < 2:
+                    assert time.monotonic() < deadline, "no replacement worker"
+                    time.sleep(0.2)
+                time.sleep(3)  # the replacement starts, then each finds the other at its next scan
             if prompts is not None:
                 time.sleep(1.5)  # the first worker up finds the second at its next scan (peers.RESCAN_S)
                 return _follow_ups(base, prompts)
@@ -100,6 +122,11 @@ def two_workers(tmp_path: Path, sim_model_dir: Path, config_text: str, flags: li
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _workers(pid: int) -> list[psutil.Process]:
+    """uvicorn's worker processes (spawned; not multiprocessing's resource tracker)."""
+    return [c for c in psutil.Process(pid).children() if "spawn_main" in " ".join(c.cmdline())]
 
 
 def _follow_ups(base: str, prompts: list[str]) -> list[int]:

@@ -1,5 +1,5 @@
 """router.index.peers: sibling workers' in-process indexes exchange their request-path writes
-over real Unix datagram sockets."""
+over real Unix stream sockets."""
 
 from __future__ import annotations
 
