@@ -53,6 +53,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--rate", type=float, help="open loop: Poisson arrivals at R requests/s")
     mode.add_argument("--concurrency", type=int, help="closed loop: C conversations in flight (default 8)")
     g.add_argument("--duration", type=float, help="no request starts after D seconds")
+    g.add_argument("--ramp", type=float, default=0.0, metavar="SECONDS",
+                   help="closed loop: the clients join one by one over this time (default 0: all at once)")
     g.add_argument("--api", choices=("completions", "chat"), default="completions",
                    help="text workloads as /v1/completions or /v1/chat/completions (traces: always completions)")
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
@@ -82,7 +84,7 @@ def run_options(args: argparse.Namespace, engines: list[str] | None) -> RunOptio
     return RunOptions(api=args.api, stream=args.stream, rate=args.rate, concurrency=args.concurrency,
                       duration_s=args.duration, max_requests=args.requests, engines=engines, model=args.model,
                       block_size=args.block_size, tokenizer_dir=args.tokenizer, request_timeout_s=args.timeout,
-                      think_time_s=args.think_time, progress=args.progress)
+                      think_time_s=args.think_time, ramp_s=args.ramp, progress=args.progress)
 
 
 async def prepare_workload(name: str, seed: int, engines: list[str], **params: Any) -> Workload:

@@ -55,6 +55,7 @@ class RunOptions:
     tokenizer_dir: str = str(SIM_MODEL_DIR)
     request_timeout_s: float = 120.0
     think_time_s: float = 0.0             # multi-turn: pause between a reply and the next turn
+    ramp_s: float = 0.0                   # closed loop: client i sends its first request at i * ramp_s / concurrency
     sample_interval_s: float = 0.25       # engine queue sampling for busy share
     progress: bool = True
 
@@ -169,15 +170,25 @@ class _Run:
         await asyncio.gather(*tasks)
 
     async def closed_loop(self, concurrency: int) -> None:
+        """``concurrency`` clients, each sending its next conversation when the last one ends.
+
+        With ``ramp_s`` the clients join one by one, evenly over that time, as load tools ramp
+        up; at 0 they all send at once, and on a cold fleet every policy's TTFT p99 is then
+        the same synchronized burst (placed evenly by all of them), not the policy.
+        """
         pending = iter(self.workload.conversations)
 
-        async def worker() -> None:
+        async def worker(i: int) -> None:
+            delay = i * self.options.ramp_s / concurrency
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopped.wait(), delay)
             for conv in pending:
                 if not self.may_send():
                     return
                 await self.conversation(conv)
 
-        await asyncio.gather(*(asyncio.create_task(worker(), name=f"loadtest-worker-{i}")
+        await asyncio.gather(*(asyncio.create_task(worker(i), name=f"loadtest-worker-{i}")
                                for i in range(concurrency)))
 
 

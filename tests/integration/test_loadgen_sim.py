@@ -130,6 +130,22 @@ async def test_poisson_run_stops_at_the_duration(engines: list[str]) -> None:
     assert s["hit_rate_usage"] == 0.0 and s["ceiling"] == 0.0
 
 
+async def test_closed_loop_clients_join_one_by_one_over_the_ramp(engines: list[str]) -> None:
+    workload = build_workload("zero_reuse", 3, requests=400, system_tokens=32, question_tokens=8, output_tokens=2)
+    result = await run_workload(workload, engines, RunOptions(concurrency=4, ramp_s=0.4, progress=False))
+    assert result.summary["ok"] == 400
+    spans = [(r.start_s, r.start_s + r.e2e_s) for r in result.records if r.e2e_s is not None]
+
+    def most_in_flight(t0: float, t1: float) -> int:
+        return max((sum(1 for a, b in spans if a <= s < b) for s, _ in spans if t0 <= s < t1), default=0)
+
+    # Clients join at 0, 0.1, 0.2 and 0.3 s: alone at first, all four once the ramp is over
+    # (at ramp 0 the first instant already has four in flight).
+    assert most_in_flight(0.0, 0.09) == 1
+    assert most_in_flight(0.11, 0.19) == 2
+    assert most_in_flight(0.31, 10.0) == 4
+
+
 def test_compare_cli_over_two_workloads_writes_a_summary(engines: list[str], tmp_path: Path) -> None:
     from loadtest.compare import main as compare_main
 
