@@ -4,6 +4,8 @@ shared prefixes, other block sizes, other models or salts, with and without spec
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -99,3 +101,37 @@ def test_cached_entries_add_nothing_to_a_full_garbage_collection() -> None:
     assert len(entries) > 30
     tracked = [e for e in entries if gc.is_tracked(e)]
     assert not tracked, tracked[:3]
+
+
+@settings(max_examples=25, deadline=None)
+@given(turns=st.lists(texts, min_size=2, max_size=14), block=st.sampled_from([1, 16]),
+       chunk_chars=st.sampled_from([8, 40]))
+def test_a_conversation_growing_turn_by_turn_keeps_exact_keys(turns: list[str], block: int, chunk_chars: int) -> None:
+    """Each turn extends the last one's held prefix (its keys become pieces of the next
+    entries'); past eight pieces the keys are stored flat. Every turn still equals the whole."""
+    mt = _tokenizer(chunk_chars)
+    seed = first_link_seed("m", None)
+    text = ""
+    for turn in turns:
+        text = f"{text} user: {turn} assistant: ok"
+        got = mt.encode_keys(text, add_special_tokens=True, block_size=block, seed=seed)
+        assert got is not None and (got.tokens, got.keys) == _expected(text, True, block, "m", None)
+
+
+def test_prompts_sharing_a_document_hold_its_keys_once() -> None:
+    mt = ModelTokenizer.from_dir(MODEL_DIR)
+    assert mt.enable_segment_cache(chunk_chars=256, max_entries=4096)
+    doc = " ".join(_WORDS * 200)  # ~20k characters, ~400 blocks of 16
+    seed = first_link_seed("m", None)
+    rng = random.Random(0)
+    for i in range(200):
+        # A question long enough to be cut itself: each prompt stores entries of its own.
+        question = " ".join(rng.choice(_WORDS[:8]) for _ in range(60))
+        got = mt.encode_keys(f"{doc} question {i}: {question}", add_special_tokens=True, block_size=16, seed=seed)
+        assert got is not None and len(got.keys) > 300
+    memo = mt._memo
+    assert memo is not None
+    tuples = {id(part): len(part) for _, _, pieces in memo._lru.values() for part, _ in pieces}
+    assert len(memo._lru) > 250  # the document's cuts, and cuts of each question
+    # The document's keys once (~400), then a question's keys per prompt: not 200 copies (~80k).
+    assert sum(tuples.values()) < 450 + 200 * 15, sum(tuples.values())
