@@ -82,13 +82,7 @@ def two_workers(tmp_path: Path, sim_model_dir: Path, config_text: str, flags: li
             # Each worker's first Redis call also connects and loads the lookup script: on a
             # loaded machine that can miss the deadline and fail open once. Warm both first
             # (without Redis: both have found each other by then).
-            seen: set[str] = set()
-            for _ in range(100):
-                if len(seen) == 2:
-                    break
-                seen.add(httpx.post(base + "/v1/completions", json=body, timeout=10).headers["x-request-id"]
-                         .split("-")[0])
-                time.sleep(0.01)
+            _both_serve(base, body)
             time.sleep(0.5)  # the index write is a background task of the worker that served it
             if kill_one:
                 workers = _workers(proc.pid)
@@ -102,6 +96,7 @@ def two_workers(tmp_path: Path, sim_model_dir: Path, config_text: str, flags: li
                     assert time.monotonic() < deadline, "no replacement worker"
                     time.sleep(0.2)
                 time.sleep(3)  # the replacement starts, then each finds the other at its next scan
+                assert _both_serve(base, body), "the replacement worker took no connection"
             if prompts is not None:
                 time.sleep(1.5)  # the first worker up finds the second at its next scan (peers.RESCAN_S)
                 return _follow_ups(base, prompts)
@@ -129,7 +124,29 @@ def _workers(pid: int) -> list[psutil.Process]:
     return [c for c in psutil.Process(pid).children() if "spawn_main" in " ".join(c.cmdline())]
 
 
+def _both_serve(base: str, body: dict[str, Any]) -> bool:
+    """Post until both workers have answered (the kernel hands each new connection to one)."""
+    seen: set[str] = set()
+    for _ in range(200):
+        if len(seen) == 2:
+            return True
+        seen.add(httpx.post(base + "/v1/completions", json=body, timeout=10).headers["x-request-id"].split("-")[0])
+        time.sleep(0.01)
+    return False
+
+
 def _follow_ups(base: str, prompts: list[str]) -> list[int]:
+    """Matched tokens of follow-ups served by the other worker than their prompt; the kernel's
+    choice of worker is not even, so up to five batches of prompts until some cross over."""
+    cross: list[int] = []
+    for batch in range(5):
+        cross += _follow_up_batch(base, [f"batch {batch}, {p}" for p in prompts])
+        if cross:
+            break
+    return cross
+
+
+def _follow_up_batch(base: str, prompts: list[str]) -> list[int]:
     served: dict[str, str] = {}
     for p in prompts:  # a new connection each time: the kernel hands it to either worker
         r = httpx.post(base + "/v1/completions", json={"model": "sim-model", "prompt": p, "max_tokens": 1}, timeout=10)
