@@ -6,8 +6,9 @@ token ids of the partial block after it. The state at a cut depends only on the 
 it (and the chain's seed, the special tokens before the text and the block size), so the
 memo remembers, per cut of every prompt it walked, ``digest of (namespace, text up to the
 cut) -> (tokens so far, keys so far, state)``. A new prompt finds the longest of its cuts
-the memo holds (its last cut first, then a binary search: a prefix held at one cut is held
-at every earlier one), takes everything up to there in one probe, and tokenizes and hashes
+the memo holds (its last cut first, then a binary search: a prompt's cuts are stored together,
+so those held usually form a leading run; an eviction inside it only shortens the prefix
+found), takes everything up to there in one probe, and tokenizes and hashes
 only what follows. A system prompt or document seen before then costs a few hash passes
 over its bytes (~1 µs per 8 KB) instead of a step per chunk.
 
