@@ -179,7 +179,9 @@ class _Run:
         pending = iter(self.workload.conversations)
 
         async def worker(i: int) -> None:
-            delay = i * self.options.ramp_s / concurrency
+            # Never past the run's deadline: a client still waiting to join when --duration
+            # ends must not hold the run open for the rest of the ramp.
+            delay = min(i * self.options.ramp_s / concurrency, self.deadline - time.perf_counter())
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopped.wait(), delay)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,6 +145,15 @@ async def test_closed_loop_clients_join_one_by_one_over_the_ramp(engines: list[s
     assert most_in_flight(0.0, 0.09) == 1
     assert most_in_flight(0.11, 0.19) == 2
     assert most_in_flight(0.31, 10.0) == 4
+
+
+async def test_a_ramp_longer_than_the_duration_ends_with_the_duration(engines: list[str]) -> None:
+    workload = build_workload("zero_reuse", 4, requests=400, system_tokens=32, question_tokens=8, output_tokens=2)
+    t0 = time.perf_counter()
+    result = await run_workload(workload, engines, RunOptions(concurrency=4, ramp_s=30.0, duration_s=0.5,
+                                                              progress=False))
+    assert time.perf_counter() - t0 < 10  # not the 22.5 s the last client would have waited to join
+    assert result.summary["ok"] > 0 and max(r.start_s for r in result.records) <= 0.5
 
 
 def test_compare_cli_over_two_workloads_writes_a_summary(engines: list[str], tmp_path: Path) -> None:
