@@ -40,6 +40,9 @@ class Backend:
     """Of ``in_flight``: requests not yet answered with a first byte (queued or prefilling)."""
     prefill_tokens: int = 0
     """Their predicted uncached prompt tokens: prefill work the replica has still to do."""
+    prefill_started: float = 0.0
+    """When the replica's current prefill began, as far as this router can tell (clock of the
+    fleet): the dispatch that found nothing prefilling, or the last first byte while others wait."""
     shared_in_flight: int = 0
     """In-flight counts of the other router replicas (Redis), when shared."""
     load: EngineLoad = field(default_factory=EngineLoad)

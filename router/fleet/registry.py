@@ -144,6 +144,7 @@ class Fleet:
                 s.waiting if s else None, s.running if s else None, s.kv_usage if s else None,
                 b.healthy, not r.breaker.allows(now), b.draining, True, cap,
                 b.prefilling, b.prefill_tokens,
+                (now - b.prefill_started) * 1000.0 if b.prefilling else 0.0,
             ))
         return out
 
@@ -155,11 +156,15 @@ class Fleet:
         r = self._replicas.get(backend_id)
         if r is None:
             return
-        r.backend.in_flight += 1
-        r.backend.prefilling += 1
-        r.backend.prefill_tokens += max(0, prefill_tokens)
-        r.breaker.on_dispatch(self._clock())
-        _gauges(backend_id)[0].set(r.backend.in_flight)
+        now = self._clock()
+        b = r.backend
+        b.in_flight += 1
+        if not b.prefilling:
+            b.prefill_started = now  # an idle compute timeline starts on this one
+        b.prefilling += 1
+        b.prefill_tokens += max(0, prefill_tokens)
+        r.breaker.on_dispatch(now)
+        _gauges(backend_id)[0].set(b.in_flight)
 
     def first_byte(self, backend_id: BackendId, prefill_tokens: int = 0) -> None:
         """The attempt ``acquire`` counted has its first byte (or failed before it): its
@@ -170,6 +175,8 @@ class Fleet:
         b = r.backend
         b.prefilling = max(0, b.prefilling - 1)
         b.prefill_tokens = max(0, b.prefill_tokens - max(0, prefill_tokens)) if b.prefilling else 0
+        if b.prefilling:
+            b.prefill_started = self._clock()  # one prefill done: the next one starts now
 
     def release(self, backend_id: BackendId, ok: bool) -> None:
         """The request ended; ``ok=False`` (connect error, 5xx, broken stream) feeds the breaker."""

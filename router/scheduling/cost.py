@@ -4,6 +4,7 @@ For one request and one replica, in milliseconds::
 
     queue   = prefill_ms_per_token * (uncached tokens of its requests still prefilling)
             + prefill_base_ms      * (its requests still prefilling)
+            - min(elapsed, the token part of one of them)
             + running_ms           * (its requests past their first token)
     prefill = prefill_ms_per_token * (this prompt's tokens the replica does not hold)
             + prefill_base_ms
@@ -12,7 +13,15 @@ For one request and one replica, in milliseconds::
 
 "Still prefilling" is what the fleet counts from dispatch to the first byte of the answer
 (``Candidate.prefilling`` / ``Candidate.prefill_tokens``, from ``Fleet.acquire`` and
-``Fleet.first_byte``). Matched blocks lower ``prefill`` (the prefill a cache hit saves);
+``Fleet.first_byte``). ``elapsed`` (``Candidate.prefill_elapsed_ms``) is the time since the
+replica's current prefill began: the dispatch that found it idle, or the last first byte
+while others wait (prefills take turns). A miss sent 20 ms ago has 4 ms left, not 24; without
+this credit, replicas with one miss each look alike and the pick among them is a coin toss,
+where round robin, always sending to the replica served longest ago, picks the one nearly
+done. The credit is capped at the token part of one request's average prefill, so a replica
+that is slower than the model never looks idle while it still owes a first byte
+(the demo-fleet model, ``tests/unit/test_sched_demo_fleet.py``, 4 engines, 20 seeds: zero
+reuse TTFT p99 41.8 -> 35.4 ms against round robin's 35.7, churn 33.3 -> 30.8). Matched blocks lower ``prefill`` (the prefill a cache hit saves);
 every request already sent and not yet served raises ``queue`` (the queue affinity
 builds). The lowest cost keeps a prefix on its holder exactly while the prefill it saves
 outweighs the extra queue it waits behind: the trade NVIDIA Dynamo's KV router makes
@@ -49,8 +58,10 @@ class PrefillCost:
         """Time the replica needs before it can start this request's prefill."""
         prefilling = max(0, min(c.prefilling, c.in_flight))
         running = c.in_flight - prefilling
-        return (self.prefill_ms_per_token * max(0, c.prefill_tokens) + self.prefill_base_ms * prefilling
-                + self.running_ms * running)
+        work = self.prefill_ms_per_token * max(0, c.prefill_tokens)
+        if prefilling and c.prefill_elapsed_ms > 0:
+            work -= min(c.prefill_elapsed_ms, work / prefilling)
+        return work + self.prefill_base_ms * prefilling + self.running_ms * running
 
     def prefill_ms(self, request: RouteRequest, matched_blocks: int) -> float:
         """This prompt's own prefill on a replica holding ``matched_blocks`` leading blocks."""

@@ -38,6 +38,9 @@ class Candidate(NamedTuple):
     """Of ``in_flight``, requests from this router not yet answered with a first byte."""
     prefill_tokens: int = 0
     """Their predicted uncached prompt tokens: the prefill work queued ahead of a new request."""
+    prefill_elapsed_ms: float = 0.0
+    """Time since the replica's current prefill began (0 when nothing is prefilling): work
+    already done on what ``prefill_tokens`` counts."""
 
 
 @dataclass(frozen=True, slots=True)

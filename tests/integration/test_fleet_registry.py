@@ -255,6 +255,36 @@ async def test_in_flight_and_circuit_breaker(engines: Engines) -> None:
     fleet.release(BackendId("http://gone:1"), ok=False)  # unknown replica: ignored
 
 
+async def test_the_current_prefill_is_timed_from_an_idle_dispatch_and_from_each_first_byte(engines: Engines) -> None:
+    """The scheduler's elapsed credit (``Candidate.prefill_elapsed_ms``): prefills take turns, so
+    the one under way began at the dispatch that found the replica idle, or at the last first byte."""
+    (_, s0), _ = engines
+    now = [100.0]
+    fleet = Fleet(fast_config([s0.url]), clock=lambda: now[0])
+    await fleet.probe_all()
+    a = BackendId(s0.url)
+
+    def elapsed() -> float:
+        return fleet.candidates("sim-model", {})[0].prefill_elapsed_ms
+
+    assert elapsed() == 0.0
+    fleet.acquire(a, prefill_tokens=600)
+    now[0] += 0.010
+    fleet.acquire(a, prefill_tokens=600)  # queued behind the first: the clock keeps running
+    now[0] += 0.005
+    assert elapsed() == pytest.approx(15.0)
+    fleet.first_byte(a, prefill_tokens=600)  # the first is done, the second starts now
+    now[0] += 0.004
+    assert elapsed() == pytest.approx(4.0)
+    fleet.first_byte(a, prefill_tokens=600)
+    assert elapsed() == 0.0  # nothing prefilling: nothing to credit
+    now[0] += 1.0
+    fleet.acquire(a, prefill_tokens=50)
+    assert elapsed() == 0.0  # an idle replica's next prefill starts at its dispatch
+    now[0] += 0.002
+    assert elapsed() == pytest.approx(2.0)
+
+
 async def test_add_remove_and_configured_models(engines: Engines) -> None:
     (e0, s0), (e1, s1) = engines
     fleet = Fleet(fast_config([s0.url], models=["sim-model"]))

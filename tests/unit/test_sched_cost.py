@@ -119,3 +119,27 @@ def test_the_pick_has_the_lowest_cost_in_the_band(rows: list[dict[str, int]], to
     assert d.backend in costs
     assert costs[d.backend] <= min(costs.values()) + 1e-6
     assert all(s["queue_ms"] >= 0 and s["prefill_ms"] > 0 for s in d.scores.values())
+
+
+def test_a_miss_nearly_done_queues_less_than_one_just_sent() -> None:
+    """Prefills take turns: a miss sent 20 ms ago has ~4 ms left. Among replicas with one miss
+    each, the one that has worked longest wins (round robin's implicit advantage, made explicit)."""
+    cost = PrefillCost(CFG.prefill_ms_per_token, CFG.prefill_base_ms, CFG.running_ms, CFG.prefill_weight)
+    fresh = prefilling_misses(1, 1)
+    worked = prefilling_misses(2, 1, prefill_elapsed_ms=20.0)
+    assert cost.queue_ms(worked) == cost.queue_ms(fresh) - 20.0
+    d = Scheduler(CFG, "cache_aware", random.Random(0)).decide(req(), [fresh, worked])
+    assert d.backend == worked.id
+
+
+@given(n=st.integers(1, 8), elapsed=st.floats(0, 10_000), tokens=st.integers(0, 50_000))
+def test_the_elapsed_credit_never_exceeds_one_requests_share_of_the_token_work(
+        n: int, elapsed: float, tokens: int) -> None:
+    """A replica slower than the model keeps owing the base cost of each request and all but one
+    request's share of the token work, however long its current prefill has run."""
+    cost = PrefillCost(CFG.prefill_ms_per_token, CFG.prefill_base_ms, CFG.running_ms, CFG.prefill_weight)
+    c = cand(1, in_flight=n, prefilling=n, prefill_tokens=tokens, prefill_elapsed_ms=elapsed)
+    work = CFG.prefill_ms_per_token * tokens
+    q = cost.queue_ms(c)
+    assert q <= cost.queue_ms(c._replace(prefill_elapsed_ms=0.0)) + 1e-9
+    assert q >= CFG.prefill_base_ms * n + work * (n - 1) / n - 1e-6

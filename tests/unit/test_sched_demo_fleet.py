@@ -42,10 +42,11 @@ SLOTS = 8
 CACHE_BLOCKS = 1024
 PREFILL_BASE_S = 0.001
 PREFILL_S_PER_TOKEN = 0.00004
-DECODE_S = 0.001
+DECODE_S = 0.005
 DECODE_S_PER_SEQ = 0.0001
 OUTPUT_TOKENS = 32
 CONCURRENCY = 16
+RAMP_S = 0.25
 SYSTEM_BLOCKS = 32  # 512 tokens
 QUESTION_BLOCKS = 4  # 64 tokens
 REPLY_BLOCKS = 2  # 32 tokens, carried into the next turn
@@ -73,6 +74,7 @@ class Engine:
     in_flight: int = 0
     prefilling: int = 0
     prefill_tokens: int = 0
+    prefill_started: float = 0.0
     busy_until: float = 0.0
 
     @staticmethod
@@ -171,7 +173,9 @@ def simulate(policy: str, name: str, seed: int, engines: int, n: int = 400,
         keys = rest.pop(0)
         r = Req(keys=keys, tokens=len(keys) * BLOCK + 5, sent=now)
         cands = [Candidate(id=e.id, matched_blocks=Engine.matched(e.index, keys), in_flight=e.in_flight,
-                           prefilling=e.prefilling, prefill_tokens=e.prefill_tokens) for e in fleet]
+                           prefilling=e.prefilling, prefill_tokens=e.prefill_tokens,
+                           prefill_elapsed_ms=(now - e.prefill_started) * 1000 if e.prefilling else 0.0)
+                 for e in fleet]
         route = RouteRequest(model="m", keys=tuple(BlockKey(k) for k in keys), prompt_tokens=r.tokens,
                              block_size=BLOCK, cacheable_blocks=(r.tokens - 1) // BLOCK)
         d = sched.decide(route, cands)
@@ -179,6 +183,8 @@ def simulate(policy: str, name: str, seed: int, engines: int, n: int = 400,
         e = fleet[where]
         r.predicted = r.tokens - d.matched_tokens
         e.in_flight += 1
+        if not e.prefilling:
+            e.prefill_started = now
         e.prefilling += 1
         e.prefill_tokens += r.predicted
         e.record(keys)
@@ -187,15 +193,20 @@ def simulate(policy: str, name: str, seed: int, engines: int, n: int = 400,
         else:
             e.waiting.append((r, rest))
 
-    for _ in range(CONCURRENCY):
-        send([], 0.0)
+    for i in range(CONCURRENCY):  # the demo's clients join one by one (``--ramp``)
+        push(i * RAMP_S / CONCURRENCY, "join", 0, Req(keys=(), tokens=0), [])
     while events:
         now, _, kind, where, r, rest = heapq.heappop(events)
         e = fleet[where]
+        if kind == "join":
+            send([], now)
+            continue
         if kind == "first":
             r.ttft = now - r.sent
             e.prefilling -= 1
             e.prefill_tokens -= r.predicted
+            if e.prefilling:
+                e.prefill_started = now
             continue
         e.running -= 1
         e.in_flight -= 1
