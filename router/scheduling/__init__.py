@@ -10,7 +10,8 @@ The decision rule
    ``load <= min_load + load_band + load_band_ratio * min_load`` stay in the running.
 3. **Time** (``cost``): each replica in the band gets an expected time to first token, in
    milliseconds: the prefill still queued there (predicted uncached tokens of the requests
-   it has not answered yet, counted by the fleet from dispatch to first byte) plus a little
+   it has not answered yet, counted by the fleet from dispatch to first byte, less the time
+   its current prefill has already run) plus a little
    per running request, plus this prompt's own uncached prefill (weighted ``prefill_weight``,
    as a miss also delays whoever comes next). The lowest wins: affinity is kept exactly
    while the prefill it saves outweighs the queue it builds. Equal estimates go to the
