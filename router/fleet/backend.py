@@ -40,6 +40,9 @@ class Backend:
     """Of ``in_flight``: requests not yet answered with a first byte (queued or prefilling)."""
     prefill_tokens: int = 0
     """Their predicted uncached prompt tokens: prefill work the replica has still to do."""
+    slots: int | None = None
+    """How many requests the engine runs at once, as far as its /metrics showed: the highest
+    running count seen in two scrapes in a row that both showed requests waiting (None until then)."""
     prefill_started: float = 0.0
     """When the replica's current prefill began, as far as this router can tell (clock of the
     fleet): the dispatch that found nothing prefilling, or the last first byte while others wait."""

@@ -144,7 +144,7 @@ class Fleet:
                 s.waiting if s else None, s.running if s else None, s.kv_usage if s else None,
                 b.healthy, not r.breaker.allows(now), b.draining, True, cap,
                 b.prefilling, b.prefill_tokens,
-                (now - b.prefill_started) * 1000.0 if b.prefilling else 0.0,
+                (now - b.prefill_started) * 1000.0 if b.prefilling else 0.0, b.slots,
             ))
         return out
 
@@ -305,6 +305,12 @@ class Fleet:
         if self._replicas.get(b.id) is not r:
             return
         prev, r.sample = r.sample, sample
+        if (sample.waiting and prev is not None and prev.waiting and sample.running
+                and sample.running == prev.running):
+            # Queueing in two scrapes in a row at the same running count: that count is the
+            # engine's limit (one scrape can catch a request that arrived between two steps).
+            # Never below what it has run at that limit before.
+            b.slots = max(b.slots or 0, int(sample.running))
         b.load = EngineLoad(running=sample.running or 0.0, waiting=sample.waiting or 0.0,
                             kv_usage=sample.kv_usage or 0.0, scraped_at=self._clock())
         r.stale_reported = False

@@ -41,6 +41,9 @@ class Candidate(NamedTuple):
     prefill_elapsed_ms: float = 0.0
     """Time since the replica's current prefill began (0 when nothing is prefilling): work
     already done on what ``prefill_tokens`` counts."""
+    slots: int | None = None
+    """Requests the engine runs at once (learned from its /metrics when it queued some), None
+    if unknown: one more in flight than that waits for a running request to finish."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,6 +70,18 @@ def by_load(candidates: Sequence[Candidate], ties: Rotation) -> list[Candidate]:
     return [candidates[i] for _, _, i in keyed]
 
 
+def _full(c: Candidate) -> bool:
+    return c.slots is not None and c.in_flight >= c.slots
+
+
+def _with_free_slots(band: list[Candidate]) -> list[Candidate]:
+    """``band`` without its replicas that have no free running slot, unless all are full."""
+    if not any(c.slots is not None for c in band):
+        return band
+    free = [c for c in band if not _full(c)]
+    return free if free and len(free) < len(band) else band
+
+
 class CacheAware:
     """The lowest expected time to first token (``cost``) within a load band around the least loaded replica."""
 
@@ -95,6 +107,13 @@ class CacheAware:
                 reason = "affinity" if best else "fallback"
             return decision(request, eligible, reason, eligible, None, best)
         band = in_band(eligible, self.config.load_band, self.config.load_band_ratio)
+        if len(band) > 1:
+            # A replica whose running slots are all taken makes a new request wait for one of
+            # them to finish (a whole answer's decode), which no prefill saving outweighs:
+            # while some replica in the band has a free slot, the full ones leave it. With 16
+            # clients on 2 engines of 8 slots, affinity that put a 9th request on a holder
+            # cost shared prefix a TTFT p99 of 100 ms against the balancers' 31 (docs/results.md).
+            band = _with_free_slots(band)
         rest: list[Candidate] = []
         if len(band) < len(eligible):
             band_ids = {c.id for c in band}

@@ -20,6 +20,7 @@ from starlette.routing import Route
 from router import metrics
 from router.config import BackendConfig, RouterConfig
 from router.fleet.registry import Fleet
+from router.fleet.scraper import EngineSample
 from router.types import BackendId
 from tests.support.servers import UvicornThread, free_port
 
@@ -283,6 +284,33 @@ async def test_the_current_prefill_is_timed_from_an_idle_dispatch_and_from_each_
     assert elapsed() == 0.0  # an idle replica's next prefill starts at its dispatch
     now[0] += 0.002
     assert elapsed() == pytest.approx(2.0)
+
+
+async def test_an_engines_slot_count_is_learned_from_two_scrapes_in_a_row_that_show_it_queueing(
+        engines: Engines) -> None:
+    """``Candidate.slots``: what an engine runs while requests wait is what it can run, once a
+    second scrape confirms it (one can catch a request that arrived between two engine steps)."""
+    (_, s0), _ = engines
+    fleet = Fleet(fast_config([s0.url]))
+    await fleet.probe_all()
+    a = BackendId(s0.url)
+    r = fleet.replica(a)
+    assert r is not None
+
+    def slots() -> int | None:
+        return fleet.candidates("sim-model", {})[0].slots
+
+    fleet.get(a).slots = None  # type: ignore[union-attr]  # forget what the fixture's scrapes taught
+    await fleet.apply_sample(r, EngineSample(running=5, waiting=0))
+    await fleet.apply_sample(r, EngineSample(running=6, waiting=1))  # one scrape: maybe transient
+    assert slots() is None
+    await fleet.apply_sample(r, EngineSample(running=8, waiting=2))  # running moved: not a limit yet
+    assert slots() is None
+    await fleet.apply_sample(r, EngineSample(running=8, waiting=3))
+    assert slots() == 8
+    await fleet.apply_sample(r, EngineSample(running=4, waiting=1))
+    await fleet.apply_sample(r, EngineSample(running=4, waiting=1))  # KV-bound for a while
+    assert slots() == 8  # never below the limit it has run at
 
 
 async def test_add_remove_and_configured_models(engines: Engines) -> None:

@@ -143,3 +143,18 @@ def test_the_elapsed_credit_never_exceeds_one_requests_share_of_the_token_work(
     q = cost.queue_ms(c)
     assert q <= cost.queue_ms(c._replace(prefill_elapsed_ms=0.0)) + 1e-9
     assert q >= CFG.prefill_base_ms * n + work * (n - 1) / n - 1e-6
+
+
+def test_a_holder_with_every_slot_taken_leaves_the_band_while_another_replica_has_one_free() -> None:
+    """One request more than an engine runs at once waits for a whole answer to finish: more than
+    any prefix saves. The slot count is learned from the engine's /metrics (``Candidate.slots``)."""
+    sched = Scheduler(CFG, "cache_aware", random.Random(0))
+    holder = cand(1, matched_blocks=SYSTEM_BLOCKS, in_flight=8, slots=8)
+    other = cand(2, in_flight=7, slots=8)
+    d = sched.decide(req(), [holder, other])
+    assert (d.backend, d.reason, d.ranked) == (other.id, "load", (other.id, holder.id))
+    # unknown slots, or a free one on the holder: the prefix wins as before
+    assert sched.decide(req(), [holder._replace(slots=None), other]).backend == holder.id
+    assert sched.decide(req(), [holder._replace(slots=9), other]).backend == holder.id
+    # every replica full: nothing to avoid, affinity decides
+    assert sched.decide(req(), [holder, other._replace(in_flight=8)]).backend == holder.id
