@@ -135,6 +135,10 @@ ENGINE_WAITING = Gauge(
     "cache_router_engine_waiting", "Engine queue length as last scraped", ["backend"], registry=REGISTRY)
 ENGINE_KV_USAGE = Gauge(
     "cache_router_engine_kv_usage", "Engine KV-cache usage 0..1 as last scraped", ["backend"], registry=REGISTRY)
+ENGINE_SLOTS = Gauge(
+    "cache_router_engine_slots", "Requests the engine runs at once, learned from its /metrics when it queued "
+    "(absent until learned); cache_aware keeps affinity off a replica with that many in flight while another "
+    "has fewer", ["backend"], registry=REGISTRY)
 BACKEND_RESTARTS = Counter(
     "cache_router_engine_restarts", "Engine restarts detected (metrics counters or event sequence reset)",
     ["backend"], registry=REGISTRY)

@@ -311,6 +311,7 @@ class Fleet:
             # engine's limit (one scrape can catch a request that arrived between two steps).
             # Never below what it has run at that limit before.
             b.slots = max(b.slots or 0, int(sample.running))
+            metrics.ENGINE_SLOTS.labels(b.id).set(b.slots)
         b.load = EngineLoad(running=sample.running or 0.0, waiting=sample.waiting or 0.0,
                             kv_usage=sample.kv_usage or 0.0, scraped_at=self._clock())
         r.stale_reported = False
@@ -348,7 +349,7 @@ def _forget_series(backend_id: BackendId) -> None:
     """Drop a replica's per-replica series: a gone replica must not look alive on a dashboard."""
     _children.pop(backend_id, None)
     for gauge in (metrics.BACKEND_HEALTHY, metrics.IN_FLIGHT, metrics.CIRCUIT_OPEN,
-                  metrics.BACKEND_DRAINING, metrics.ENGINE_WAITING, metrics.ENGINE_KV_USAGE,
+                  metrics.BACKEND_DRAINING, metrics.ENGINE_WAITING, metrics.ENGINE_KV_USAGE, metrics.ENGINE_SLOTS,
                   metrics.BACKEND_RESTARTS):
         with contextlib.suppress(KeyError):
             gauge.remove(backend_id)

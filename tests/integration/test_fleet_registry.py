@@ -307,7 +307,7 @@ async def test_an_engines_slot_count_is_learned_from_two_scrapes_in_a_row_that_s
     await fleet.apply_sample(r, EngineSample(running=8, waiting=2))  # running moved: not a limit yet
     assert slots() is None
     await fleet.apply_sample(r, EngineSample(running=8, waiting=3))
-    assert slots() == 8
+    assert slots() == 8 and gauge(metrics.ENGINE_SLOTS, s0.url) == 8
     await fleet.apply_sample(r, EngineSample(running=4, waiting=1))
     await fleet.apply_sample(r, EngineSample(running=4, waiting=1))  # KV-bound for a while
     assert slots() == 8  # never below the limit it has run at
