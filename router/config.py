@@ -167,6 +167,10 @@ class IndexConfig(_Section):
 
 class AdmissionConfig(_Section):
     max_concurrency_per_backend: int | None = Field(default=None, gt=0)
+    """Requests in flight per replica before new ones wait in the router's queue. Set it to the
+    engines' ``max_num_seqs`` when the fleet runs more concurrent requests than its engines have
+    running slots: a request sent to a full engine waits for a whole answer to finish, and the
+    slot limit cache_aware learns from /metrics arrives late (docs/results.md, two engines)."""
     queue_size: int = Field(default=1024, ge=0)
     queue_timeout_s: float = Field(default=30.0, gt=0)
 
