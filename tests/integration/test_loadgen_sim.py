@@ -132,9 +132,12 @@ async def test_poisson_run_stops_at_the_duration(engines: list[str]) -> None:
 
 
 async def test_closed_loop_clients_join_one_by_one_over_the_ramp(engines: list[str]) -> None:
-    workload = build_workload("zero_reuse", 3, requests=400, system_tokens=32, question_tokens=8, output_tokens=2)
-    result = await run_workload(workload, engines, RunOptions(concurrency=4, ramp_s=0.4, progress=False))
-    assert result.summary["ok"] == 400
+    # More requests than the clients can send before the last one joins on a fast machine (400
+    # were all answered within 0.3 s here once), bounded by the run's duration instead.
+    workload = build_workload("zero_reuse", 3, requests=5000, system_tokens=32, question_tokens=8, output_tokens=2)
+    result = await run_workload(workload, engines, RunOptions(concurrency=4, ramp_s=0.4, duration_s=0.8,
+                                                              progress=False))
+    assert result.summary["ok"] == len(result.records) > 0
     spans = [(r.start_s, r.start_s + r.e2e_s) for r in result.records if r.e2e_s is not None]
 
     def most_in_flight(t0: float, t1: float) -> int:
