@@ -32,7 +32,7 @@ from tests.support.router import metric, serve_process
 TIMING = ["--decode-ms", "2", "--prefill-base-ms", "1"]
 CACHE_BLOCKS = 512
 SHORT_S = float(os.environ.get("CR_SOAK_SECONDS") or (45 if os.environ.get("CI") == "true" else 20))
-SAMPLE_S = 2.0
+SAMPLE_S = 1.0
 
 
 def _serve(tmp: Path, urls: list[str]) -> tuple[subprocess.Popen[bytes], str]:
@@ -89,7 +89,7 @@ def soak(tmp: Path, seconds: float) -> None:
                 if active is not None and now >= active[1]:
                     active[0]()  # end the fault
                     # Health probes and circuit breakers settle before the next fault: one at a time.
-                    active, next_fault = None, now + 5.0
+                    active, next_fault = None, now + 4.0
                 elif active is None and now >= next_fault and now - t0 < seconds - 8:
                     name, start, end = faults[len(injected) % len(faults)]
                     start()
