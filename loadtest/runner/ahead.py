@@ -10,6 +10,7 @@ behind misses on its engine is the queue the scheduler chose.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections import defaultdict
@@ -52,10 +53,11 @@ def report(out: Path, shown: int = SHOWN) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(__doc__.split("\n")[0], file=sys.stderr)
-        return 2
-    print("\n".join(report(Path(argv[0]))))
+    ap = argparse.ArgumentParser(prog="python -m loadtest.runner.ahead", description=__doc__.split("\n")[0])
+    ap.add_argument("out", type=Path, help="a demo's output directory (<workload>/compare.json)")
+    ap.add_argument("--shown", type=int, default=SHOWN, help="slowest requests per arm and round")
+    args = ap.parse_args(argv)
+    print("\n".join(report(args.out, args.shown)))
     return 0
 
 

@@ -311,6 +311,8 @@ async def test_an_engines_slot_count_is_learned_from_two_scrapes_in_a_row_that_s
     await fleet.apply_sample(r, EngineSample(running=4, waiting=1))
     await fleet.apply_sample(r, EngineSample(running=4, waiting=1))  # KV-bound for a while
     assert slots() == 8  # never below the limit it has run at
+    await fleet.remove(a)
+    assert gauge(metrics.ENGINE_SLOTS, s0.url) == -1.0  # a removed replica's series goes with it
 
 
 async def test_add_remove_and_configured_models(engines: Engines) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from loadtest.runner.ahead import ahead_of, main, report
 
 
@@ -35,4 +37,7 @@ def test_report_names_the_queue_of_each_rounds_slowest_requests(tmp_path: Path) 
     assert lines[2] == "    round 0:   30 ms hit  580 tokens; ahead on its engine: miss sent 5 ms before"
     assert lines[3] == "    round 1:   40 ms miss 580 tokens; ahead on its engine: nothing"
     assert lines[4] == "  direct: no engine recorded per request"
-    assert main([]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main([])  # no directory: argparse's usage error
+    assert exc.value.code == 2
+    assert main([str(tmp_path), "--shown", "1"]) == 0
