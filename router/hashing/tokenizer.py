@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 
 from router.hashing.chain_memo import ChainMemo, Encoded
 from router.hashing.segments import SegmentCache, piecewise_is_exact
+from router.hashing.words import WordEncoder
 from router.types import BlockKey
 
 # A template that loops over message content expects OpenAI-style lists of parts;
@@ -74,6 +75,9 @@ class ModelTokenizer:
         self._segments: SegmentCache | None = None
         self._memo: ChainMemo | None = None
         self._special_around: tuple[list[int], list[int]] | None = None
+        self._words = WordEncoder.for_tokenizer(tokenizer)
+        """Short new text (a prompt's unique tail) without the library's per-call cost; None
+        when this tokenizer is not one it follows exactly (router.hashing.words)."""
         self.enable_segment_cache()
 
     def enable_segment_cache(self, *, chunk_chars: int = 1024, max_entries: int = 8192) -> bool:
@@ -97,6 +101,10 @@ class ModelTokenizer:
         return self._segments
 
     def _plain_encode(self, text: str) -> list[int]:
+        if self._words is not None:
+            ids = self._words.encode(text)
+            if ids is not None:
+                return ids
         return self._ids(text, add_special_tokens=False)
 
     def _ids(self, text: str, *, add_special_tokens: bool) -> list[int]:
