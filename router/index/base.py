@@ -15,7 +15,9 @@ Contract (``tests/contract/test_index_contract.py`` runs it against every backen
    replica's most recently used (the later a key is in ``keys``, the more recent; so an
    LRU trim drops a chain's tail first, as the engine does). ``ttl_s=None`` means the
    entry does not expire (confirmed by the engine). An entry's expiry only ever extends:
-   a TTL'd record never shortens a confirmed entry or an earlier, longer TTL.
+   a TTL'd record never shortens a confirmed entry or an earlier, longer TTL. A backend
+   may skip refreshing a TTL'd entry recorded less than ``memory.REFRESH_EVERY_S`` (1 s, or
+   a tenth of its TTL) ago: its expiry and recency then lag by at most that much.
 3. After a record the replica holds at most its capacity (``set_capacity``; ``None``:
    unbounded, the default): the least recently used entries beyond it are dropped.
    Lowering the capacity trims at once.

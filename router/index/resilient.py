@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 from router.index.base import BlockIndex, IndexUnavailable
-from router.index.memory import MemoryBlockIndex
+from router.index.memory import REFRESH_EVERY_S, MemoryBlockIndex
 from router.metrics import INDEX_BLOCKS, INDEX_DEGRADED, INDEX_ERRORS, INDEX_LOOKUP_SECONDS
 from router.types import BackendId, BlockKey
 
@@ -38,9 +38,6 @@ FAIL_FAST_AFTER = 3
 """Failed calls in a row that make an outage (and start failing fast). With one, a single
 call that missed its deadline on a busy machine sent the next 250 ms of requests (about
 half of them at 1,000 req/s) without the index."""
-REFRESH_EVERY_S = 1.0
-"""A remote index gets a replica's key again only after this (or a tenth of its TTL): hot
-prefixes' expiry and LRU recency in Redis lag by at most this much."""
 RECENT_MAX = 100_000
 """Keys remembered per replica (about 10 MB); past it the memory starts over."""
 FLAP_QUIET_S = 30.0
