@@ -16,9 +16,10 @@ from __future__ import annotations
 import random
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 Encode = Callable[[str], list[int]]
+Short = Callable[[str], "list[int] | None"]
 
 
 def cut_points(text: str, chunk_chars: int) -> list[int]:
@@ -39,8 +40,12 @@ def cut_points(text: str, chunk_chars: int) -> list[int]:
 class SegmentCache:
     """LRU of chunk text -> token ids (bounded by entries; chunks are ~chunk_chars each)."""
 
-    def __init__(self, encode: Encode, *, chunk_chars: int = 1024, max_entries: int = 8192) -> None:
+    def __init__(self, encode: Encode, *, chunk_chars: int = 1024, max_entries: int = 8192,
+                 short: Short | None = None) -> None:
         self._encode = encode
+        self._short = short
+        """Ids of the texts it takes (None for others) as fast as a cache hit: those skip the
+        cache (router.hashing.words; a prompt's unique tail would only evict shared chunks)."""
         self.chunk_chars = chunk_chars
         self.max_entries = max_entries
         self._lru: OrderedDict[str, tuple[int, ...]] = OrderedDict()
@@ -58,11 +63,15 @@ class SegmentCache:
             prev = cut
         return ids
 
-    def encode_chunk(self, chunk: str) -> tuple[int, ...]:
+    def encode_chunk(self, chunk: str) -> Sequence[int]:
         """Ids of one chunk (a piece ``cut_points`` delimits), from the cache when seen before.
 
-        A tuple: the garbage collector stops tracking a tuple of ints, where a cached list
-        would be scanned by every full collection for as long as it is cached."""
+        Cached as a tuple: the garbage collector stops tracking a tuple of ints, where a cached
+        list would be scanned by every full collection for as long as it is cached."""
+        if self._short is not None:
+            quick = self._short(chunk)
+            if quick is not None:
+                return quick
         with self._lock:
             cached = self._lru.get(chunk)
             if cached is not None:

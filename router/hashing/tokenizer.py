@@ -87,7 +87,8 @@ class ModelTokenizer:
         if not piecewise_is_exact(plain, sample):
             self._segments = self._memo = None
             return False
-        self._segments = SegmentCache(plain, chunk_chars=chunk_chars, max_entries=max_entries)
+        self._segments = SegmentCache(plain, chunk_chars=chunk_chars, max_entries=max_entries,
+                                      short=self._words.encode if self._words is not None else None)
         self._memo = ChainMemo(self._segments, max_entries=max_entries)
         with_sp, without = self._tok.encode("a b", add_special_tokens=True).ids, plain("a b")
         for i in range(len(with_sp) - len(without) + 1):

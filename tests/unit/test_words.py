@@ -142,3 +142,21 @@ def test_the_piece_cache_starts_over_when_full(monkeypatch: pytest.MonkeyPatch) 
         text = f" id {i} and {i * 7}"
         assert enc.encode(text) == _SIM.encode(text, add_special_tokens=False).ids
         assert len(enc._cache) <= 8
+
+
+def test_unique_short_tails_skip_the_segment_cache() -> None:
+    """A prompt's unique tail would only evict shared chunks from the segment cache."""
+    from router.hashing.keys import first_link_seed, prompt_keys
+
+    mt = ModelTokenizer.from_dir(MODEL_DIR)
+    cache = mt.segment_cache
+    assert cache is not None
+    seed = first_link_seed("m", None)
+    prefix = "You are a helpful assistant. " * 120
+    sizes = []
+    for i in range(20):
+        text = prefix + f"request {i}: please answer briefly"
+        out = mt.encode_keys(text, add_special_tokens=False, block_size=16, seed=seed)
+        assert out is not None and out.keys == prompt_keys(_SIM.encode(text, add_special_tokens=False).ids, 16, "m", None)
+        sizes.append(len(cache._lru))
+    assert sizes[-1] == sizes[0]
