@@ -141,8 +141,9 @@ class Feedback:
         b = self.fleet.get(backend)
         ttl = self.config.index.speculative_ttl_s if b is not None and b.precise else self.config.index.ttl_s
         if self._record_now is not None:  # in-process: no task, nothing to wait for or fail
-            self._record_now(backend, keys, ttl_s=ttl)
-            if self.peers is not None:
+            # Nothing written: every key was recorded moments ago, and sent to the sibling
+            # workers then (they keep the same refresh interval).
+            if self._record_now(backend, keys, ttl_s=ttl) and self.peers is not None:
                 self.peers.record(backend, keys, ttl_s=ttl)
             return
         self._spawn(self._index_call(self.index.record(backend, keys, ttl_s=ttl)), "index-record")

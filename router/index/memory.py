@@ -56,11 +56,14 @@ class MemoryBlockIndex:
     async def record(self, replica: BackendId, keys: Sequence[BlockKey], *, ttl_s: float | None) -> None:
         self.record_now(replica, keys, ttl_s=ttl_s)
 
-    def record_now(self, replica: BackendId, keys: Sequence[BlockKey], *, ttl_s: float | None) -> None:
-        """``record`` without the coroutine: nothing here waits or fails."""
+    def record_now(self, replica: BackendId, keys: Sequence[BlockKey], *, ttl_s: float | None,
+                   exact: bool = False) -> int:
+        """``record`` without the coroutine: nothing here waits or fails. Returns how many of
+        ``keys`` it wrote (0: all were recorded moments ago, see REFRESH_EVERY_S; ``exact``:
+        refreshed however recent, as a batch of records merged into one must be)."""
         expiry = _NEVER if ttl_s is None else self._clock() + ttl_s
         lru = self._lru.setdefault(replica, {})
-        if ttl_s is not None and keys:
+        if ttl_s is not None and keys and not exact:
             # Every request records its whole prompt, so a shared prefix was usually recorded
             # moments ago: its leading run of recent keys stays as it is, and only the rest is
             # taken out and put back below (2k-token prompts with a hot prefix: 20 -> 8 µs).
@@ -68,7 +71,7 @@ class MemoryBlockIndex:
             if recent:
                 keys = keys[recent:]
                 if not keys:
-                    return
+                    return 0
         olds = list(map(lru.pop, keys, repeat(None)))
         lru.update(dict.fromkeys(keys, expiry))
         fresh = olds.count(None)
@@ -82,6 +85,7 @@ class MemoryBlockIndex:
             for key in compress(keys, map(is_, olds, repeat(None))):
                 holders.setdefault(key, {})[replica] = expiry
         self._trim(replica)
+        return len(keys)
 
     @staticmethod
     def _recent_run(lru: dict[BlockKey, float], keys: Sequence[BlockKey], due: float, expiry: float) -> int:

@@ -255,7 +255,8 @@ class Peers:
                 segments.append(rest)
             keys = [k for segment in reversed(segments) for k in segment]
             keys += last
-        self.local.record_now(replica, keys, ttl_s=ttl_s)  # type: ignore[arg-type]
+        # Exact: merged chains stand for several records, which a skip of recent keys would reorder.
+        self.local.record_now(replica, keys, ttl_s=ttl_s, exact=True)  # type: ignore[arg-type]
 
     def _parse(self, message: bytes | memoryview) -> tuple[int, BackendId, float | None, array[int]] | None:
         """(op, replica, ttl, keys) of a record or remove; a sibling's load is stored here (None)."""

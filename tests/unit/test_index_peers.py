@@ -176,3 +176,23 @@ def test_messages_applied_together_leave_what_one_by_one_leaves(ops: list[tuple[
         {r: list(lru) for r, lru in one_by_one._lru.items() if lru}
     assert all(exp >= one_by_one._lru[r][k] for r, lru in together._lru.items() for k, exp in lru.items())
     assert {k: set(h) for k, h in together._holders.items()} == {k: set(h) for k, h in one_by_one._holders.items()}
+
+
+async def test_a_record_that_wrote_nothing_is_not_sent(tmp_path: Path) -> None:
+    """The request path (Feedback.record) sends a sibling only what its own index wrote: a hot
+    prefix recorded again within the refresh interval costs no message."""
+    from router.config import load_config
+    from router.feedback import Feedback
+    from router.fleet.registry import Fleet
+    from router.index.resilient import ResilientIndex
+
+    async with pair(tmp_path) as (a, b):
+        config = load_config(None, backends=[{"url": R1}])
+        feedback = Feedback(config, ResilientIndex(a.local, metrics=False), Fleet(config), peers=a)
+        sent = peers_module._sent._value.get()
+        feedback.record(R1, KEYS)
+        await settle(lambda: b.local.lookup_now(KEYS) == {R1: 4})
+        feedback.record(R1, KEYS)  # moments later: nothing written here, nothing sent
+        feedback.record(R1, [*KEYS, BlockKey(99)])  # one new key: written and sent
+        await settle(lambda: b.local.lookup_now([*KEYS, BlockKey(99)]) == {R1: 5})
+        assert peers_module._sent._value.get() == sent + 2
