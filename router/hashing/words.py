@@ -15,8 +15,10 @@ a BPE model without dropout, no normalizer, no truncation or padding, and a pre-
 is ByteLevel with its regex (GPT-2) or one regex ``Split`` followed by ByteLevel (Llama 3,
 Qwen 2); then it checks itself against the library on varied texts (every ASCII character,
 contractions, digit runs, whitespace runs) and declines on any difference. At run time a text
-that is not ASCII, is longer than ``max_chars`` or contains an added token (``<s>``, special
-tokens the library matches before splitting) gets ``None``: the caller uses the library.
+that is not ASCII or is longer than ``max_chars`` gets ``None``: the caller uses the library.
+Added tokens (``<s>``, a chat template's ``<|im_start|>``) are taken out first, as the library
+does, and the text between them split on its own; one whose ``lstrip``, ``rstrip`` or
+``single_word`` flag would make it take whitespace or context sends its text to the library.
 """
 
 from __future__ import annotations
@@ -127,11 +129,15 @@ def _split_pattern(config: dict[str, Any]) -> str | None:
 class WordEncoder:
     """Ids of short ASCII texts from regex pieces and the BPE model; see the module doc."""
 
-    def __init__(self, tokenizer: Tokenizer, split: re.Pattern[str], added: re.Pattern[str] | None,
+    def __init__(self, tokenizer: Tokenizer, split: re.Pattern[str], added: dict[str, int | None],
                  *, max_chars: int = MAX_CHARS) -> None:
+        """``added``: the added tokens' contents (ASCII ones; others cannot occur in ASCII text)
+        with their id, or None for one this encoder cannot place (``lstrip``, ``rstrip`` and
+        ``single_word`` take whitespace or context that only the library knows about)."""
         self._model = tokenizer.model
         self._split = split
-        self._added = added
+        self._added_ids = added
+        self._added = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True)))) if added else None
         self.max_chars = max_chars
         self._cache: dict[str, tuple[int, ...]] = {}
 
@@ -153,19 +159,37 @@ class WordEncoder:
             split = re.compile(rewritten, re.ASCII)
         except re.error:
             return None
-        contents = sorted({t["content"] for t in config.get("added_tokens") or () if t.get("content", "").isascii()},
-                          key=len, reverse=True)
-        added = re.compile("|".join(map(re.escape, contents))) if contents else None
+        added: dict[str, int | None] = {}
+        for t in config.get("added_tokens") or ():
+            content = t.get("content")
+            if isinstance(content, str) and content and content.isascii():
+                plain = not (t.get("lstrip") or t.get("rstrip") or t.get("single_word"))
+                added[content] = t.get("id") if plain and isinstance(t.get("id"), int) else None
         encoder = cls(tokenizer, split, added, max_chars=max_chars)
-        return encoder if encoder.agrees_with(tokenizer) else None
+        return encoder if encoder.agrees_with(tokenizer, list(added)) else None
 
     def encode(self, text: str) -> list[int] | None:
         """The ids of ``text``, or None when it is not one this encoder takes (the caller asks
         the library)."""
         if len(text) > self.max_chars or not text.isascii():
             return None
-        if self._added is not None and self._added.search(text) is not None:
-            return None
+        if self._added is None:
+            return self._words(text)
+        # The library takes added tokens out first (leftmost, longest) and splits what is
+        # between them on its own: a chat template's <|im_start|> ends a piece.
+        ids: list[int] = []
+        at = 0
+        for m in self._added.finditer(text):
+            token = self._added_ids[m.group()]
+            if token is None:
+                return None
+            ids += self._words(text[at : m.start()])
+            ids.append(token)
+            at = m.end()
+        ids += self._words(text[at:])
+        return ids
+
+    def _words(self, text: str) -> list[int]:
         cache = self._cache
         ids: list[int] = []
         pieces = self._split.findall(text)
@@ -190,22 +214,24 @@ class WordEncoder:
         cache[piece] = ids
         return ids
 
-    def agrees_with(self, tokenizer: Tokenizer, *, trials: int = 400, seed: int = 0) -> bool:
+    def agrees_with(self, tokenizer: Tokenizer, added: list[str] | None = None, *, trials: int = 400,
+                    seed: int = 0) -> bool:
         """True when this encoder gives the library's ids on every sample text (the texts
-        where a rewritten pattern or the byte alphabet would differ if they could)."""
-        for text in _samples(trials, seed):
+        where a rewritten pattern, the byte alphabet or an added token would differ if they
+        could); ``added``: the tokenizer's added tokens, mixed into the samples."""
+        for text in _samples(trials, seed, added or []):
             mine = self.encode(text)
             if mine is not None and mine != tokenizer.encode(text, add_special_tokens=False).ids:
                 return False
         return True
 
 
-def _samples(trials: int, seed: int) -> list[str]:
+def _samples(trials: int, seed: int, added: list[str]) -> list[str]:
     rng = random.Random(seed)
     every = "".join(map(chr, range(128)))
     pieces = ["the", "Cache", "ROUTER", "x1", "42", "123456", "I'm", "it's", "DON'T", "we'll", "you've", "'d",
               "--", "!!", "a.b", "(c)", "\n", "\n\n", " \n", "\r\n", "  ", "   ", "\t", "\x0b", "\x0c", "\x1c",
-              "\x7f", "\x00", "ok?", "3.14", "_id", "<tag>", "{\"k\": 1}", "'", "''"]
+              "\x7f", "\x00", "ok?", "3.14", "_id", "<tag>", "{\"k\": 1}", "'", "''", *added[:64]]
     texts = [every, every[::-1], " " + every, every + "  "]
     texts += [a + b for a in pieces for b in (" ", "", "  ", "\n")]
     for _ in range(trials):

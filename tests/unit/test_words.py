@@ -69,11 +69,8 @@ def test_ids_equal_the_library(name: str, text: str) -> None:
     assert enc is not None
     ids = enc.encode(text)
     library = _TOKENIZERS[name].encode(text, add_special_tokens=False).ids
-    if ids is None:  # handed back: only for an added token in the text
-        assert any(t in text for t in ("<s>", "</s>", "<|im_start|>"))
-    else:
-        assert ids == library
-        assert enc.encode(text) == library  # again, from the piece cache
+    assert ids == library  # added tokens included: the pieces between them are split on their own
+    assert enc.encode(text) == library  # again, from the piece cache
 
 
 def test_the_router_tokenizer_uses_it_and_still_matches() -> None:
@@ -88,7 +85,7 @@ def test_texts_it_does_not_take_go_back_to_the_library() -> None:
     enc = WordEncoder.for_tokenizer(_SIM, max_chars=64)
     assert enc is not None
     assert enc.encode("naïve café") is None
-    assert enc.encode("hello <s> world") is None
+    assert enc.encode("hello <s> world") == _SIM.encode("hello <s> world", add_special_tokens=False).ids
     assert enc.encode("x" * 65) is None
     assert enc.encode("x" * 64) == _SIM.encode("x" * 64, add_special_tokens=False).ids
 
@@ -160,3 +157,23 @@ def test_unique_short_tails_skip_the_segment_cache() -> None:
         assert out is not None and out.keys == prompt_keys(_SIM.encode(text, add_special_tokens=False).ids, 16, "m", None)
         sizes.append(len(cache._lru))
     assert sizes[-1] == sizes[0]
+
+
+def test_an_added_token_that_takes_whitespace_goes_to_the_library() -> None:
+    from tokenizers import AddedToken
+
+    tok = _trained(_split_then_bytes(LLAMA3))
+    tok.add_special_tokens([AddedToken("<mask>", lstrip=True)])
+    enc = WordEncoder.for_tokenizer(tok)
+    assert enc is not None
+    assert enc.encode("fill the <mask> here") is None  # the library also takes the space before it
+    text = "hello <s> world"
+    assert enc.encode(text) == tok.encode(text, add_special_tokens=False).ids
+
+
+def test_chat_prompts_take_the_fast_path() -> None:
+    mt = ModelTokenizer.from_dir(MODEL_DIR)
+    assert mt._words is not None
+    text = mt.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "question 7: why?"}])
+    assert "<|im_start|>" in text
+    assert mt._words.encode(text) == _SIM.encode(text, add_special_tokens=False).ids
