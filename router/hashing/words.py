@@ -39,8 +39,9 @@ _ASCII_MEMBERS = {"L": "A-Za-z", "N": "0-9", "Nd": "0-9", "Lu": "A-Z", "Ll": "a-
 ASCII members but no simple range are not rewritten: such a pattern is declined)."""
 _PROPERTY = re.compile(r"\\([pP])\{(\w+)\}")
 MAX_CHARS = 512
-"""Longer texts go to the library: it releases the GIL (long prompts are tokenized in
-worker threads) and its cost per character is then below this path's."""
+"""Longer texts go to the library. This path is faster per character too (a 1 KB chunk: 155
+against 301 µs), but it holds the GIL, and long new texts are tokenized in worker threads
+while the event loop serves other requests; the library releases it."""
 MAX_WORDS = 1 << 16
 """Cached pieces; the cache starts over when full (user text has unbounded variety)."""
 

@@ -115,7 +115,7 @@ def test_its_self_check_catches_a_split_that_differs() -> None:
     assert good is not None and good.agrees_with(tok)
     # Digits in runs of any length instead of three: the library splits "1234567" differently.
     wrong = WordEncoder(tok, words.re.compile(ascii_pattern(LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}+")) or "",
-                                              words.re.ASCII), None)
+                                              words.re.ASCII), {})
     assert not wrong.agrees_with(tok)
 
 
