@@ -55,7 +55,8 @@ class SegmentCache:
 
     def encode(self, text: str) -> list[int]:
         if len(text) < 2 * self.chunk_chars:
-            return self._encode(text)
+            quick = self._short(text) if self._short is not None else None
+            return quick if quick is not None else self._encode(text)
         ids: list[int] = []
         prev = 0
         for cut in [*cut_points(text, self.chunk_chars), len(text)]:

@@ -12,6 +12,7 @@ This module owns loading and rendering; it refuses to own scheduling or hashing.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -87,7 +88,9 @@ class ModelTokenizer:
         if not piecewise_is_exact(plain, sample):
             self._segments = self._memo = None
             return False
-        self._segments = SegmentCache(plain, chunk_chars=chunk_chars, max_entries=max_entries,
+        # The cache tries the word encoder itself, then the library (not the word encoder twice).
+        library = functools.partial(self._ids, add_special_tokens=False)
+        self._segments = SegmentCache(library, chunk_chars=chunk_chars, max_entries=max_entries,
                                       short=self._words.encode if self._words is not None else None)
         self._memo = ChainMemo(self._segments, max_entries=max_entries)
         with_sp, without = self._tok.encode("a b", add_special_tokens=True).ids, plain("a b")

@@ -24,6 +24,12 @@ keeps its expiry and place: hot prefixes' expiry and LRU recency lag by at most 
 (the contract's item 2; ``ResilientIndex`` does the same for remote indexes)."""
 
 
+def refresh_due(expiry: float, ttl_s: float | None, every_s: float = REFRESH_EVERY_S) -> float:
+    """A key recorded again with ``expiry`` needs writing only if its current expiry is below
+    this: within ``every_s`` (a tenth of a shorter TTL) of the new one it is recent enough."""
+    return expiry - (every_s if ttl_s is None else min(every_s, ttl_s / 10))
+
+
 class MemoryBlockIndex:
     name = "memory"
 
@@ -67,7 +73,7 @@ class MemoryBlockIndex:
             # Every request records its whole prompt, so a shared prefix was usually recorded
             # moments ago: its leading run of recent keys stays as it is, and only the rest is
             # taken out and put back below (2k-token prompts with a hot prefix: 20 -> 8 µs).
-            recent = self._recent_run(lru, keys, expiry - min(REFRESH_EVERY_S, ttl_s / 10), expiry)
+            recent = self._recent_run(lru, keys, refresh_due(expiry, ttl_s), expiry)
             if recent:
                 keys = keys[recent:]
                 if not keys:

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 from router.index.base import BlockIndex, IndexUnavailable
-from router.index.memory import REFRESH_EVERY_S, MemoryBlockIndex
+from router.index.memory import REFRESH_EVERY_S, MemoryBlockIndex, refresh_due
 from router.metrics import INDEX_BLOCKS, INDEX_DEGRADED, INDEX_ERRORS, INDEX_LOOKUP_SECONDS
 from router.types import BackendId, BlockKey
 
@@ -115,7 +115,7 @@ class ResilientIndex:
         now = self._clock()
         mine = recent.setdefault(replica, {})
         expiry = math.inf if ttl_s is None else now + ttl_s
-        due = expiry - (self._refresh_every if ttl_s is None else min(self._refresh_every, ttl_s / 10))
+        due = refresh_due(expiry, ttl_s, self._refresh_every)
         todo = [k for k in keys if mine.get(k, -math.inf) < due]
         if not todo:
             return
