@@ -130,6 +130,10 @@ class RouterApp(Starlette):
     path, method and the lifespan go through Starlette as before.
     """
 
+    serves_hot: ClassVar[bool] = True
+    """``router.api.protocol`` may serve the hot routes itself (``router.api.hot``), with
+    ``state.pipeline``; this ``__call__`` is their path on any other ASGI server."""
+
     _HOT: ClassVar[dict[str, Endpoint]] = {path: guarded(endpoint) for path, endpoint in hot_routes().items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

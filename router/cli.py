@@ -87,7 +87,7 @@ def summary(config: RouterConfig) -> str:
 def serve(config: RouterConfig) -> int:
     import uvicorn
 
-    from router.api.protocol import UVICORN_HTTP
+    from router.api.protocol import UVICORN_OPTIONS
     from router.app import create_app
 
     _setup_logging(config)
@@ -96,13 +96,10 @@ def serve(config: RouterConfig) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     options: dict[str, Any] = {
         "host": config.host, "port": config.port, "loop": "uvloop",
-        # httptools, writing an answer's head and body in one system call (router.api.protocol).
-        "http": UVICORN_HTTP,
         "log_level": config.log_level, "lifespan": "on", "access_log": False,
         "timeout_graceful_shutdown": config.shutdown_timeout_s,
-        # Nothing reads the client address, so uvicorn's X-Forwarded-For rewriting is a
-        # wrapper per request for nothing; no "server: uvicorn" header either.
-        "proxy_headers": False, "server_header": False,
+        # httptools, the hot routes without ASGI, an answer's head and body in one system call
+        **UVICORN_OPTIONS,
     }
     if config.workers > 1:
         # Workers are spawned processes: they rebuild the validated config from the environment.

@@ -26,20 +26,33 @@ log = logging.getLogger("cache_router.api")
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def error_response(exc: RouterError) -> Response:
-    headers: dict[str, str] = {}
+def error_parts(exc: RouterError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """An error's answer as status, headers and body (``error_response``, and the lean
+    server path of ``router.api.hot`` that writes them to the socket itself)."""
+    headers = [(b"content-type", b"application/json")]
     if exc.status in (429, 503):
         retry = exc.retry_after if exc.retry_after is not None else 1.0
-        headers["retry-after"] = str(max(1, math.ceil(retry)))
-    return Response(orjson.dumps(exc.to_dict()), status_code=exc.status, headers=headers,
-                    media_type="application/json")
+        headers.append((b"retry-after", str(max(1, math.ceil(retry))).encode()))
+    return exc.status, headers, orjson.dumps(exc.to_dict())
 
 
-def internal_error(exc: BaseException, where: str) -> Response:
+def error_response(exc: RouterError) -> Response:
+    status, headers, body = error_parts(exc)
+    response = Response(body, status_code=status)
+    response.raw_headers += headers
+    return response
+
+
+def log_internal(exc: BaseException, where: str) -> RouterError:
+    """Log a bug by type and traceback only; the error its client gets."""
     frames = "".join(traceback.format_tb(exc.__traceback__))
     log.error("unhandled %s in %s (message withheld: it may quote the prompt)\n%s",
               type(exc).__name__, where, frames)
-    return error_response(RouterError("internal error in the router; see its logs"))
+    return RouterError("internal error in the router; see its logs")
+
+
+def internal_error(exc: BaseException, where: str) -> Response:
+    return error_response(log_internal(exc, where))
 
 
 def guarded(endpoint: Endpoint) -> Endpoint:

@@ -10,6 +10,7 @@ import itertools
 import os
 import re
 import time
+from collections.abc import Mapping
 
 import orjson
 from starlette.requests import Request
@@ -19,9 +20,10 @@ from starlette.types import ASGIApp
 from router.api.body import read_body
 from router.api.stream import ProxyResponse
 from router.metrics import STAGE_SECONDS
-from router.pipeline import Pipeline
+from router.pipeline import Pipeline, Routed
 from router.request.model import Kind
 from router.request.parse import parse_request
+from router.tenancy import Tenant
 
 _parse_stage = STAGE_SECONDS.labels("parse")
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -31,25 +33,32 @@ _ids = itertools.count(1)
 _ID_PREFIX = os.urandom(4).hex()  # per process: ids stay unique across router replicas
 
 
-def request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id")
+def request_id(headers: Mapping[str, str]) -> str:
+    given = headers.get("x-request-id")
     if given is not None and _SAFE_ID.fullmatch(given):
         return given
     return f"{_ID_PREFIX}-{next(_ids):x}"
 
 
-async def _route(request: Request, kind: Kind) -> ASGIApp:
-    pipeline: Pipeline = request.app.state.pipeline
-    tenant = pipeline.tenancy.identify(request.headers)  # before reading a body nobody may send
-    raw = await read_body(request, pipeline.config.max_body_bytes)
+async def route_body(pipeline: Pipeline, kind: Kind, headers: Mapping[str, str], tenant: Tenant,
+                     raw: bytes) -> Routed:
+    """A hot request's body (read by either server path) -> its routing decision."""
     t0 = time.perf_counter()
     req = parse_request(raw, kind)
     req.set_salt(pipeline.tenancy.salt_for(tenant, req.cache_salt))
     _parse_stage.observe(time.perf_counter() - t0)
     header = pipeline.config.scheduling.session_header
-    session = request.headers.get(header) if header else None
-    routed = await pipeline.route(req, request_id(request), session)
-    return ProxyResponse(pipeline, routed)
+    session = headers.get(header) if header else None
+    return await pipeline.route(req, request_id(headers), session)
+
+
+async def _route(request: Request, kind: Kind) -> ASGIApp:
+    """The ASGI path (``router.api.hot`` is uvicorn's lean one for the same two routes)."""
+    pipeline: Pipeline = request.app.state.pipeline
+    headers = request.headers
+    tenant = pipeline.tenancy.identify(headers)  # before reading a body nobody may send
+    raw = await read_body(request, pipeline.config.max_body_bytes)
+    return ProxyResponse(pipeline, await route_body(pipeline, kind, headers, tenant, raw))
 
 
 async def completions(request: Request) -> ASGIApp:

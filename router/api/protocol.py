@@ -11,6 +11,8 @@ answer: the head and the first chunk), so holding the head until the next write,
 the end of that loop step whichever comes first, saves one of the two calls and changes
 nothing a client can see: the bytes and their order are the same, and a head not followed
 by a body at once still leaves in the same loop iteration.
+
+The two OpenAI POST routes skip ASGI altogether on this protocol: ``router.api.hot``.
 """
 
 from __future__ import annotations
@@ -18,11 +20,21 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from router.api.hot import HOT_KINDS, HotExchange
 
 _HEAD = b"HTTP/1."
 UVICORN_HTTP = "router.api.protocol:CoalescingHttpToolsProtocol"
 """What ``uvicorn.run(http=...)`` is given (an import string: worker processes import it)."""
+UVICORN_OPTIONS = {
+    "http": UVICORN_HTTP,
+    # Nothing reads the client address, so uvicorn's X-Forwarded-For rewriting is a wrapper per
+    # request for nothing (and the hot routes are served only when the app is not wrapped);
+    # no "server: uvicorn" header either.
+    "proxy_headers": False, "server_header": False,
+}
+"""The server options of ``serve`` (and of the tests' routers): the same protocol path."""
 
 
 class _HeadWithBody:
@@ -46,6 +58,11 @@ class _HeadWithBody:
         else:
             self._transport.write(data)
 
+    def write_now(self, data: bytes) -> None:
+        """Write ``data`` at once (after a held head, if any): for writers that send whole answers."""
+        held, self._held = self._held, None
+        self._transport.write(held + data if held is not None else data)
+
     def flush(self) -> None:
         held, self._held = self._held, None
         if held is not None and not self._transport.is_closing():
@@ -61,7 +78,29 @@ class _HeadWithBody:
 
 
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's ``httptools`` protocol over ``_HeadWithBody`` (``uvicorn.run(http=...)``)."""
+    """uvicorn's ``httptools`` protocol over ``_HeadWithBody`` (``uvicorn.run(http=...)``), with
+    the router's two hot routes served by ``router.api.hot.HotExchange``."""
+
+    _exchange: HotExchange | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_HeadWithBody(transport, self.loop))  # type: ignore[arg-type]
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        scope = cycle.scope
+        kind = HOT_KINDS.get(scope["path"]) if scope["method"] == "POST" else None
+        # ``app`` is anything else when uvicorn answers for itself (its concurrency limit).
+        pipeline = getattr(app.state, "pipeline", None) if kind and getattr(app, "serves_hot", False) else None
+        if pipeline is None:
+            super()._start_asgi_task(cycle, app)
+            return
+        exchange = self._exchange = HotExchange(cycle, pipeline, kind)  # type: ignore[arg-type]
+        task = exchange.task = self.loop.create_task(exchange.run())
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        exchange = self._exchange
+        if exchange is not None and not exchange.cycle.response_complete:
+            exchange.client_left()
+        super().connection_lost(exc)

@@ -14,6 +14,7 @@ import pytest
 from tests.support.router import HTTP, metric, running_router, scripted_engines
 
 CLIENTS = pytest.mark.parametrize("client", ["h1", "aiohttp", "httpx"])  # every UpstreamClient implementation
+SERVERS = pytest.mark.parametrize("server", ["hot", "asgi"])  # router.api.hot, and the app's ASGI path
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 20
 
 
@@ -22,9 +23,10 @@ def _events(text: str) -> list[str]:
 
 
 @CLIENTS
-def test_stream_arrives_incrementally_with_headers(client: str) -> None:
+@SERVERS
+def test_stream_arrives_incrementally_with_headers(client: str, server: str) -> None:
     with scripted_engines(1, chunks=5, chunk_interval_s=0.15) as (engine,), \
-            running_router(proxy={"client": client}, backends=[engine.url]) as router:
+            running_router(proxy={"client": client}, backends=[engine.url], server=server) as router:
         arrivals: list[float] = []
         t0 = time.monotonic()
         with HTTP.stream("POST", router.url + "/v1/completions", timeout=10,
@@ -43,8 +45,9 @@ def test_stream_arrives_incrementally_with_headers(client: str) -> None:
         assert sum(g > 0.03 for g in gaps) >= 3, gaps  # tolerant of one late wake-up on a busy CI box
 
 
-def test_non_streaming_headers_and_body() -> None:
-    with scripted_engines(1) as (engine,), running_router(backends=[engine.url]) as router:
+@SERVERS
+def test_non_streaming_headers_and_body(server: str) -> None:
+    with scripted_engines(1) as (engine,), running_router(backends=[engine.url], server=server) as router:
         resp = HTTP.post(router.url + "/v1/chat/completions", timeout=10,
                           json={"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]})
         assert resp.status_code == 200
@@ -81,9 +84,10 @@ def test_connect_error_is_retried_on_another_replica() -> None:
 
 
 @CLIENTS
-def test_broken_stream_ends_with_sse_error_and_is_not_retried(client: str) -> None:
+@SERVERS
+def test_broken_stream_ends_with_sse_error_and_is_not_retried(client: str, server: str) -> None:
     with scripted_engines(2, mode="die") as engines, \
-            running_router(proxy={"client": client}, backends=[e.url for e in engines]) as router:
+            running_router(proxy={"client": client}, backends=[e.url for e in engines], server=server) as router:
         resp = HTTP.post(router.url + "/v1/completions", timeout=10,
                           json={"model": "sim-model", "prompt": PROMPT, "stream": True})
         assert resp.status_code == 200
@@ -109,9 +113,10 @@ def test_first_byte_timeout_retries_then_504(client: str) -> None:
 
 
 @CLIENTS
-def test_client_disconnect_mid_stream_cancels_upstream(client: str) -> None:
+@SERVERS
+def test_client_disconnect_mid_stream_cancels_upstream(client: str, server: str) -> None:
     with scripted_engines(1, mode="endless", chunk_interval_s=0.05) as (engine,), \
-            running_router(proxy={"client": client}, backends=[engine.url]) as router:
+            running_router(proxy={"client": client}, backends=[engine.url], server=server) as router:
         with HTTP.stream("POST", router.url + "/v1/completions", timeout=10,
                           json={"model": "sim-model", "prompt": PROMPT, "stream": True}) as resp:
             for i, _ in enumerate(resp.iter_lines()):
@@ -123,8 +128,10 @@ def test_client_disconnect_mid_stream_cancels_upstream(client: str) -> None:
         assert engine.finished == 0
 
 
-def test_client_disconnect_before_first_byte_cancels_upstream() -> None:
-    with scripted_engines(1, first_byte_delay_s=5.0) as (engine,), running_router(backends=[engine.url]) as router:
+@SERVERS
+def test_client_disconnect_before_first_byte_cancels_upstream(server: str) -> None:
+    with scripted_engines(1, first_byte_delay_s=5.0) as (engine,), \
+            running_router(backends=[engine.url], server=server) as router:
         with pytest.raises(httpx.ReadTimeout):
             HTTP.post(router.url + "/v1/completions", timeout=httpx.Timeout(5, read=0.4),
                        json={"model": "sim-model", "prompt": PROMPT, "stream": True})
@@ -146,9 +153,10 @@ def test_usage_chunk_is_requested_upstream_and_stripped_unless_asked(client_asks
         assert events[-1] == "[DONE]" and len(events) == 5 + 1 + len(with_usage)
 
 
-def test_no_healthy_replica_is_503_with_retry_after() -> None:
+@SERVERS
+def test_no_healthy_replica_is_503_with_retry_after(server: str) -> None:
     dead = "http://127.0.0.1:9"  # discard port: nothing listens
-    with running_router(backends=[{"url": dead, "models": ["sim-model"]}], wait_ready=False) as router:
+    with running_router(backends=[{"url": dead, "models": ["sim-model"]}], wait_ready=False, server=server) as router:
         assert HTTP.get(router.url + "/ready").status_code == 503
         resp = HTTP.post(router.url + "/v1/completions", json={"model": "sim-model", "prompt": "hi"})
         assert resp.status_code == 503

@@ -30,7 +30,7 @@ import httpx
 import orjson
 import yaml
 
-from router.api.protocol import UVICORN_HTTP
+from router.api.protocol import UVICORN_OPTIONS
 from router.app import create_app
 from router.config import RouterConfig
 from tests.support.servers import UvicornThread, env_without_proxies, free_port
@@ -63,19 +63,22 @@ def router_config(backends: list[str] | list[dict[str, Any]], **overrides: Any) 
 @contextlib.contextmanager
 def running_router(config: RouterConfig | None = None, *,
                    backends: list[str] | list[dict[str, Any]] | None = None,
-                   wait_ready: bool = True, **overrides: Any) -> Iterator[UvicornThread]:
+                   wait_ready: bool = True, server: str = "hot", **overrides: Any) -> Iterator[UvicornThread]:
+    """``server``: "hot", as ``serve`` runs it (router.api.hot serves the two POST routes), or
+    "asgi", uvicorn's own protocol: the app's ASGI path for every route (any other server's)."""
     cfg = config if config is not None else router_config(backends or [], **overrides)
-    server = UvicornThread(create_app(cfg), http=UVICORN_HTTP).start()
+    options = UVICORN_OPTIONS if server == "hot" else {**UVICORN_OPTIONS, "http": "httptools"}
+    uv = UvicornThread(create_app(cfg), **options).start()
     try:
         if wait_ready:
             deadline = time.monotonic() + 10
-            while HTTP.get(server.url + "/ready", timeout=2).status_code != 200:
+            while HTTP.get(uv.url + "/ready", timeout=2).status_code != 200:
                 if time.monotonic() > deadline:
                     raise TimeoutError("router never became ready")
                 time.sleep(0.05)
-        yield server
+        yield uv
     finally:
-        server.stop()
+        uv.stop()
 
 
 def serve_process(tmp: Path, config: dict[str, Any], *,
