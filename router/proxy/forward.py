@@ -13,7 +13,6 @@ passive circuit breaker see each one. Upstream failures leave this package only 
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -24,6 +23,7 @@ from router.errors import UpstreamError, UpstreamTimeout
 from router.fleet.registry import Fleet
 from router.metrics import RETRIES, STAGE_SECONDS
 from router.proxy.client import StreamBroken, TimedOut, UpstreamClient, UpstreamFailure, UpstreamResponse
+from router.proxy.deadlines import Deadlines
 from router.types import BackendId
 
 _connect_stage = STAGE_SECONDS.labels("proxy_connect")
@@ -58,6 +58,7 @@ class Forwarder:
         self.max_retries = config.health.max_retries
         self.on_release: Callable[[], None] | None = None
         """Called after every released slot (admission control wakes its queue)."""
+        self.deadlines = Deadlines()
 
     async def open(self, ranked: Sequence[BackendId], path: str, body: bytes, headers: Mapping[str, str],
                    *, stream: bool, deadline: float, prefill: Callable[[BackendId], int] | None = None,
@@ -104,7 +105,7 @@ class Forwarder:
         resp: UpstreamResponse | None = None
         committed = False
         try:
-            async with asyncio.timeout(budget):
+            with self.deadlines.within(budget):
                 t0 = time.perf_counter()
                 resp = await self.client.open(backend + path, body, headers, sent=sent)
                 _connect_stage.observe(time.perf_counter() - t0)
@@ -132,20 +133,19 @@ class Forwarder:
         chunks = opened.chunks
         if chunks is None:
             return
-        loop = asyncio.get_running_loop()
         idle = self.timeouts.idle_s
         try:
-            async with asyncio.timeout(None) as cm:
+            with self.deadlines.within(None) as watch:
                 while True:
                     now = time.monotonic()
                     if now >= deadline:
                         raise TimedOut("total timeout")
-                    cm.reschedule(loop.time() + min(idle, deadline - now))
+                    watch.at = self.deadlines.now() + min(idle, deadline - now)
                     try:
                         chunk = await anext(chunks)
                     except StopAsyncIteration:
                         return
-                    cm.reschedule(None)  # the client's pace is not the upstream's idle time
+                    watch.at = None  # the client's pace is not the upstream's idle time
                     yield chunk
         except TimeoutError:
             raise TimedOut(f"no chunk from {opened.backend} within {idle:g}s") from None
