@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loadtest.bench import targets as tg
-from loadtest.bench.probe import HealthProbe, ProbeStats, stage_means_us, stage_totals
+from loadtest.bench.probe import HealthProbe, ProbeStats, outcome_totals, stage_means_us, stage_totals
 from loadtest.bench.procs import free_port, install_debian, tree_cpu_seconds
 from loadtest.bench.prompts import chat_body, completion_body
 from loadtest.bench.wrk import Cell, run_wrk
@@ -68,6 +68,8 @@ class Result:
     """cache-router only: mean µs per stage (its own histograms) over this row's runs."""
     paced: Cell | None = None
     """Latency below saturation: ``--paced-rps`` offered over the same connections (medians)."""
+    outcomes: dict[str, float] = field(default_factory=dict)
+    """cache-router only: its answers in this row other than ok, by outcome (what wrk's errors were)."""
 
 
 def machine() -> str:
@@ -159,6 +161,7 @@ def _measure(rows: list[Row], targets: list[str], backend: str, proxy: str, args
             # one process only: with N workers each scrape lands on any of them, deltas would mix
             routers = [t for t in urls if _workers(t)[0] in ROUTERS and _workers(t)[1] == 1]
             before = {t: stage_totals(urls[t][0]) for t in routers}
+            outcomes_before = {t: outcome_totals(urls[t][0]) for t in routers}
             for _ in range(args.repeats):
                 for t, started in urls.items():
                     runs[t].append(_probed_run(started, row.path, body, args))
@@ -169,6 +172,10 @@ def _measure(rows: list[Row], targets: list[str], backend: str, proxy: str, args
                 for t, (url, _, _) in urls.items():
                     paced[t].append(run_wrk(url, row.path, body, connections=args.connections,
                                             duration=args.duration, threads=args.threads, rate=args.paced_rps))
+            # wrk counts errors; the router's own counter says what they were. "cancelled" is
+            # normal: each wrk run ends by closing its connections with requests in flight.
+            outcomes = {t: {k: v - outcomes_before[t].get(k, 0.0) for k, v in outcome_totals(urls[t][0]).items()
+                            if k != "ok" and v > outcomes_before[t].get(k, 0.0)} for t in routers}
             for t, rs in runs.items():
                 cells = [c for c, _, _, _ in rs]
                 cpus = [u for _, _, u, _ in rs if u is not None]
@@ -179,12 +186,15 @@ def _measure(rows: list[Row], targets: list[str], backend: str, proxy: str, args
                 lives = [lv for _, _, _, lv in rs if lv is not None]
                 out[row.label][t] = Result(med, health, _worst(lives) if lives else None, cells,
                                            statistics.median(cpus) if cpus else None, stages.get(t, {}),
-                                           _median_cell(paced[t]))
+                                           _median_cell(paced[t]), outcomes.get(t, {}))
                 print(f"  {row.label:32} {t:22} {med.rps:9,.0f} req/s  p50 {med.p50_ms:7.2f} ms  "
                       f"p99 {med.p99_ms:7.2f} ms  /health p99 {health.p99_ms:6.1f} ms"
                       + (f" (liveness port {out[row.label][t].liveness.p99_ms:.1f})"  # type: ignore[union-attr]
                          if out[row.label][t].liveness else "")
                       + (f"  CPU {statistics.median(cpus):6.0f} us/req" if cpus else ""), flush=True)
+                failed = {k: int(v) for k, v in outcomes.get(t, {}).items() if k != "cancelled"}
+                if failed:
+                    print(f"  {'':32} {t:22} answers not ok in this row (saturated and paced): {failed}", flush=True)
     return out
 
 

@@ -14,6 +14,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit
 
 
@@ -82,14 +83,29 @@ class HealthProbe:
         return summarize(self.latencies_ms, self.failures)
 
 
-def stage_totals(base_url: str) -> dict[str, tuple[float, float]]:
-    """cache-router's ``cache_router_stage_seconds`` histograms: stage -> (sum seconds, count)."""
+def _families(base_url: str) -> Any:
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
+        return text_string_to_metric_families(r.read().decode())
+
+
+def outcome_totals(base_url: str) -> dict[str, float]:
+    """cache-router's ``cache_router_requests_total`` summed by outcome (ok, cancelled, timeout, ...)."""
+    out: dict[str, float] = {}
+    for family in _families(base_url):
+        if family.name == "cache_router_requests":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    outcome = sample.labels.get("outcome", "")
+                    out[outcome] = out.get(outcome, 0.0) + sample.value
+    return out
+
+
+def stage_totals(base_url: str) -> dict[str, tuple[float, float]]:
+    """cache-router's ``cache_router_stage_seconds`` histograms: stage -> (sum seconds, count)."""
     out: dict[str, tuple[float, float]] = {}
-    for family in text_string_to_metric_families(text):
+    for family in _families(base_url):
         if family.name != "cache_router_stage_seconds":
             continue
         for sample in family.samples:
