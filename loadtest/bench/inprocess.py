@@ -3,9 +3,11 @@
 ``python -m loadtest.bench.inprocess [--sizes 100,2000] [--requests 3000] [--concurrency 32]``
 starts nginx (fixed answers, as in ``loadtest.overhead``), runs ``create_app`` with its
 lifespan in this process, and calls the app directly with 32 concurrent requests: the real
-path (parse, tokenize, hash, index, scheduler, aiohttp to nginx, answer, feedback, metrics)
-minus uvicorn. It prints requests/s, CPU µs per request (all threads) and the event loop
-thread's share. Less noisy than wrk on a busy machine: no load generator shares the cores.
+path (parse, tokenize, hash, index, scheduler, upstream client to nginx, answer, feedback,
+metrics) minus uvicorn. It prints requests/s, CPU µs per request (all threads) and the event
+loop thread's share. Less noisy than wrk on a busy machine: no load generator shares the cores.
+It takes the app's ASGI path for the two hot routes; ``serve`` runs them on its own server
+protocol instead (``router.api.hot``), which costs less: the routing work is the same.
 """
 
 from __future__ import annotations
