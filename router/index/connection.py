@@ -13,9 +13,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry  # the asyncio clients' own (redis-py 8 warns at a sync one)
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
-from redis.retry import Retry
 
 FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 """Everything a call to Redis can raise when Redis is down, slow, restarting or failing over."""
