@@ -63,6 +63,7 @@ class ModelTokenizer:
             if (text := _token_text(config.get(name))) is not None
         }
         self._template: jinja2.Template | None = None
+        self._globals: dict[str, Any] = {}
         self._content_as_parts = False
         if chat_template is not None:
             env = ImmutableSandboxedEnvironment(
@@ -73,6 +74,9 @@ class ModelTokenizer:
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             self._template = env.from_string(chat_template)
             self._content_as_parts = bool(_ITERATES_CONTENT.search(chat_template))
+            # Template.render copies the template's globals (a ChainMap) into every request's
+            # context: 6.7 of its 9.2 µs. The same globals, flattened once, go into a shared one.
+            self._globals = dict(self._template.globals)
         self._segments: SegmentCache | None = None
         self._memo: ChainMemo | None = None
         self._special_around: tuple[list[int], list[int]] | None = None
@@ -179,11 +183,12 @@ class ModelTokenizer:
         if self._template is None:
             raise TemplateError("this model has no chat template; send a completion request instead")
         normalised = [self._normalise(m) for m in messages]
-        context: dict[str, Any] = dict(template_kwargs or {})
-        context.update(self.special_tokens)
+        context: dict[str, Any] = {**self._globals, **(template_kwargs or {}), **self.special_tokens}
         context.update(messages=normalised, add_generation_prompt=add_generation_prompt, tools=tools)
+        template = self._template
         try:
-            text = self._template.render(**context)
+            # What Template.render does, with a context built here (``shared``: no copy of the globals).
+            text = "".join(template.root_render_func(template.new_context(context, shared=True)))
         except TemplateError:
             raise
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError) as exc:

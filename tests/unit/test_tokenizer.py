@@ -95,3 +95,45 @@ def test_a_tokenizer_that_merges_across_spaces_is_refused() -> None:
         return [ord(c) for c in ("_" + s.replace(" ", "_"))]
 
     assert not piecewise_is_exact(encode, ["some text to split here"])
+
+
+# Uses the globals (namespace, range, raise_exception), loop controls, the special tokens, tools
+# and a template kwarg: everything render_chat puts in the context it builds itself.
+_RICH = (
+    "{{ bos_token }}{% set ns = namespace(n=0) %}"
+    "{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'tool' %}{% continue %}{% endif %}"
+    "{% set ns.n = ns.n + 1 %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% for i in range(2) %}.{% endfor %}{% if ns.n > 50 %}{% break %}{% endif %}{% endfor %}"
+    "{% if enable_thinking is defined and not enable_thinking %}<no-think>{% endif %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    "{% if messages | length == 0 %}{{ raise_exception('no messages') }}{% endif %}"
+)
+_RICH_TOK: list[ModelTokenizer] = []
+_messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]),
+                                            "content": _text}), max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages=_messages, gen=st.booleans(), thinking=st.sampled_from([None, True, False]),
+       tools=st.sampled_from([None, [{"type": "function", "function": {"name": "f"}}]]))
+def test_render_chat_equals_jinjas_own_render(sim_model_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+                                              messages: list[dict[str, str]], gen: bool, thinking: bool | None,
+                                              tools: list[dict[str, object]] | None) -> None:
+    if not _RICH_TOK:
+        directory = tmp_path_factory.mktemp("rich-template")
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(sim_model_dir / f, directory / f)
+        (directory / "chat_template.jinja").write_text(_RICH)
+        _RICH_TOK.append(ModelTokenizer.from_dir(directory))
+    tok = _RICH_TOK[0]
+    kwargs = {} if thinking is None else {"enable_thinking": thinking}
+    template = tok._template
+    assert template is not None
+    if not messages:
+        with pytest.raises(TemplateError, match="no messages"):
+            tok.render_chat(messages, add_generation_prompt=gen, tools=tools, template_kwargs=kwargs)
+        return
+    expected = template.render(**kwargs, **tok.special_tokens, messages=messages, add_generation_prompt=gen,
+                               tools=tools)
+    assert tok.render_chat(messages, add_generation_prompt=gen, tools=tools, template_kwargs=kwargs) == expected
