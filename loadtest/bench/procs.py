@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -10,7 +11,11 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Mapping
+from pathlib import Path
 from types import TracebackType
+
+LOG_DIR_ENV = "LOADTEST_LOG_DIR"
+"""A directory: every benchmark child's stderr is kept there (a file each) instead of discarded."""
 
 
 def free_port() -> int:
@@ -27,8 +32,14 @@ class Proc:
         self.env = dict(env) if env is not None else None
         self.popen: subprocess.Popen[bytes] | None = None
         # stderr goes to a file, never a pipe: a chatty child (a log line per request)
-        # would fill an unread pipe and block mid-benchmark.
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
+        # would fill an unread pipe and block mid-benchmark. LOADTEST_LOG_DIR keeps them.
+        keep = os.environ.get(LOG_DIR_ENV)
+        if keep:
+            name = f"{Path(args[0]).name}-{'-'.join(a for a in args[1:4] if not a.startswith('/'))}"
+            self._stderr = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in __exit__
+                dir=keep, prefix=name.replace("/", "_")[:60] + "-", suffix=".log", delete=False)
+        else:
+            self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
 
     def __enter__(self) -> Proc:
         self.popen = subprocess.Popen(self.args, env=self.env, stdout=subprocess.DEVNULL, stderr=self._stderr)
