@@ -79,6 +79,12 @@ class HotExchange:
             except RouterError as exc:
                 await self.whole(*error_parts(exc))
                 return
+            if self.left:
+                # The client left while this was being routed, and the cancel did not end it: a
+                # library awaited on the way consumed the CancelledError (seen with the Redis index
+                # under load: the task went on with its cancel pending, dispatched, and waited out
+                # the first-byte window). Never send a request nobody will read.
+                raise asyncio.CancelledError
             await answer(pipeline, routed, self)
         except asyncio.CancelledError:
             if not self.left:

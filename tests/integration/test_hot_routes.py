@@ -8,15 +8,18 @@ mid-body, and answers byte-for-byte like the ASGI path's (bar the date and reque
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httptools
 import orjson
 import pytest
 
+from router.api import hot
 from router.api.hot import HotExchange
 from tests.support.router import metric, running_router, scripted_engines
 
@@ -213,3 +216,27 @@ def test_hot_and_asgi_paths_answer_alike() -> None:
         assert (hot.status, hot.headers, hot.body) == (asgi.status, asgi.headers, asgi.body), name
     assert seen["stream"]["hot"].headers["transfer-encoding"] == "chunked"
     assert [a.status for a in (seen[n]["hot"] for n in CASES)] == [200, 200, 400, 404]
+
+
+def test_a_client_gone_while_routing_is_not_dispatched(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fault injection: routing awaits something that swallows the cancel (as a library on the
+    # way can; seen with the Redis index under load), so the cancel alone does not stop it.
+    real = hot.route_body
+
+    async def route_swallowing_the_cancel(*args: Any) -> Any:
+        try:
+            await asyncio.sleep(0.5)
+        except asyncio.CancelledError:
+            pass
+        return await real(*args)
+
+    monkeypatch.setattr(hot, "route_body", route_swallowing_the_cancel)
+    with scripted_engines(1) as (engine,), running_router(backends=[engine.url]) as router:
+        with connect(router.url) as sock:
+            sock.sendall(post("/v1/completions", BODY))
+            time.sleep(0.1)  # routing has begun; the client gives up
+        time.sleep(1.0)  # past the routing, and past an answer had it been sent
+        assert engine.requests == []  # nothing was sent upstream for a client that had left
+        with connect(router.url) as sock:  # and the router serves the next one
+            sock.sendall(post("/v1/completions", BODY))
+            assert Reader(sock).answers(1)[0].status == 200
