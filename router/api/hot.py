@@ -6,7 +6,7 @@ the app then needs a timer per request to notice a client that leaves (ASGI tell
 task that awaits ``receive``), and its answer's head and body are two writes. For these
 two routes the server protocol (``router.api.protocol``) starts a ``HotExchange`` instead:
 the body is read from uvicorn's request cycle, the answer's head and body leave in one
-write, and a lost connection cancels the exchange's task directly. That took 50-60 µs of
+write, and a lost connection cancels the exchange's task directly. That took about 40 µs of
 CPU off a 2k-token completion (docs/overhead.md, ninth pass). Routing and the answer's
 logic are the ASGI path's own (``router.api.openai.route_body``, ``router.api.stream.answer``).
 
